@@ -1,0 +1,31 @@
+# make demo   - the main job: replicas contribute, sync, resolve, verify equal checkpoint ids
+# make test   - the test suite (creates its own environment first)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: env test demo lint bench mergekit-env clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel of torch lies on this disk; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check crdt_merge server tests
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(PY) -m crdt_merge.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check crdt_merge server tests
+
+clean:
+	rm -rf $(VENV) .venv-mergekit demo-out

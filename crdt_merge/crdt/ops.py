@@ -1,0 +1,301 @@
+"""Ops: the immutable, signed, content-addressed changes a merge project is made of.
+
+Every op is a canonical msgpack map (specs/ops.md). Fields common to all kinds::
+
+    v        1
+    kind     "genesis" | "admit" | "contribute" | "retract" | "recipe"
+    site     the author's site name
+    clock    Lamport clock (int >= 0): 1 + the greatest clock its author had seen
+    project  the genesis op id (every kind but genesis)
+    member   id of the membership op (genesis or admit) that declares the author's key
+             (every kind but genesis)
+    sig      Ed25519 signature (64 bytes) of SIGN_DOMAIN + encode(op without "sig")
+
+``op_id = blake3(encode(op))``, signature included. Validity (:func:`verify`) is a pure
+function of the op's bytes and the ops it references: the same on every replica.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from crdt_merge import codec
+from crdt_merge.errors import (
+    BadSignature,
+    NotAuthorized,
+    SchemaError,
+    UnknownSite,
+    WrongProject,
+)
+from crdt_merge.hashing import OpId, digest, is_id
+
+VERSION = 1
+SIGN_DOMAIN = b"crdt-merge/op/v1\x00"
+KINDS = ("genesis", "admit", "contribute", "retract", "recipe")
+ROLES = ("admin", "member")
+
+#: protocol profiles: name -> piece size in bytes
+PROFILES = {"v1": 16 * 1024 * 1024, "test": 4096}
+
+_SITE = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
+_METHOD = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
+_COMMON = {"v", "kind", "site", "clock", "sig"}
+_FIELDS: dict[str, tuple[set[str], set[str]]] = {  # kind -> (required, optional), besides common
+    "genesis": ({"name", "nonce", "profile", "sites"}, set()),
+    "admit": ({"project", "member", "admit"}, set()),
+    "contribute": ({"project", "member", "manifest", "form", "params", "label", "family"}, {"base"}),
+    "retract": ({"project", "member", "targets"}, set()),
+    "recipe": ({"project", "member", "method", "params", "supersedes"}, {"anchor"}),
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    """A decoded, structurally valid op. ``data`` is its exact bytes, ``id`` their hash."""
+
+    id: OpId
+    data: bytes
+    body: Mapping[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.body["kind"]
+
+    @property
+    def site(self) -> str:
+        return self.body["site"]
+
+    @property
+    def clock(self) -> int:
+        return self.body["clock"]
+
+    @property
+    def member(self) -> str | None:
+        return self.body.get("member")
+
+    @property
+    def project(self) -> str:
+        return self.id if self.kind == "genesis" else self.body["project"]
+
+    def objects(self) -> list[str]:
+        """Object ids this op references (manifests), which must be held before it is."""
+        b = self.body
+        if self.kind == "contribute":
+            return [b["manifest"]] + ([b["base"]] if "base" in b else [])
+        if self.kind == "recipe" and "anchor" in b:
+            return [b["anchor"]]
+        return []
+
+    def site_key(self, site: str) -> tuple[bytes, str] | None:
+        """For a membership op (genesis or admit): the (public key, role) it declares for
+        ``site``, or None."""
+        if self.kind == "genesis":
+            entry = self.body["sites"].get(site)
+            return (entry["key"], entry["role"]) if entry else None
+        if self.kind == "admit" and self.body["admit"]["site"] == site:
+            return (self.body["admit"]["key"], self.body["admit"]["role"])
+        return None
+
+
+def _bad(msg: str) -> SchemaError:
+    return SchemaError(f"invalid op: {msg}")
+
+
+def _check_params(value: Any, where: str, depth: int = 0) -> None:
+    """Parameter values: canonical decimal strings, other strings, bools, ints, and lists
+    or maps of these. A string that reads as a number must be a canonical decimal, so that
+    ``0.3`` and ``0.30`` are one value."""
+    if depth > 8:
+        raise _bad(f"{where} nests too deep")
+    if isinstance(value, str):
+        if codec.looks_numeric(value) and not codec.is_canonical_decimal(value):
+            raise _bad(f"{where}: {value!r} is not a canonical decimal "
+                       f"(write {codec.canonical_decimal(value)!r})")
+        if len(value) > 4096:
+            raise _bad(f"{where}: string too long")
+    elif isinstance(value, (bool, int)):
+        pass
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_params(v, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not _PARAM_KEY.fullmatch(k):
+                raise _bad(f"{where}: parameter name {k[:40]!r} is not allowed")
+            _check_params(v, f"{where}.{k}", depth + 1)
+    else:
+        raise _bad(f"{where}: {type(value).__name__} is not a parameter value")
+
+
+def _sorted_ids(value: Any, where: str, nonempty: bool) -> None:
+    if not isinstance(value, list) or not all(is_id(x) for x in value):
+        raise _bad(f"{where} must be a list of 64-hex op ids")
+    if value != sorted(set(value)) or (nonempty and not value):
+        raise _bad(f"{where} must be sorted, without repeats" + (", non-empty" if nonempty else ""))
+
+
+def _check_key(entry: Any, where: str) -> None:
+    if not isinstance(entry, dict) or set(entry) != {"key", "role"}:
+        raise _bad(f"{where}: expected fields key, role")
+    if not isinstance(entry["key"], bytes) or len(entry["key"]) != 32:
+        raise _bad(f"{where}: key must be 32 bytes (Ed25519 public key)")
+    if entry["role"] not in ROLES:
+        raise _bad(f"{where}: role must be one of {ROLES}")
+
+
+def check_structure(body: Any) -> None:
+    """Raise :class:`SchemaError` unless ``body`` has the fields and types of its kind."""
+    if not isinstance(body, dict):
+        raise _bad("not a map")
+    kind = body.get("kind")
+    if kind not in _FIELDS:
+        raise _bad(f"unknown kind {kind!r}")
+    required, optional = _FIELDS[kind]
+    keys = set(body)
+    if not (_COMMON | required) <= keys or not keys <= (_COMMON | required | optional):
+        raise _bad(f"a {kind} op has fields {sorted(_COMMON | required)}"
+                   + (f" and optionally {sorted(optional)}" if optional else "")
+                   + f", got {sorted(keys)}")
+    if body["v"] != VERSION:
+        raise _bad(f"unsupported version {body['v']!r}")
+    if not isinstance(body["site"], str) or not _SITE.fullmatch(body["site"]):
+        raise _bad("site must be 1-64 of [a-z0-9_.-], starting with a letter or digit")
+    clock = body["clock"]
+    if not isinstance(clock, int) or isinstance(clock, bool) or not 0 <= clock < 2**63:
+        raise _bad("clock must be a non-negative integer")
+    if not isinstance(body["sig"], bytes) or len(body["sig"]) != 64:
+        raise _bad("sig must be 64 bytes")
+    for field in ("project", "member", "manifest", "base", "anchor"):
+        if field in body and not is_id(body[field]):
+            raise _bad(f"{field} must be a 64-hex id")
+    if kind == "genesis":
+        if not isinstance(body["name"], str) or not 0 < len(body["name"]) <= 200:
+            raise _bad("name must be a non-empty string")
+        if not isinstance(body["nonce"], bytes) or len(body["nonce"]) != 16:
+            raise _bad("nonce must be 16 bytes")
+        profile = body["profile"]
+        if (not isinstance(profile, dict) or set(profile) != {"name", "piece_size"}
+                or PROFILES.get(profile["name"]) != profile["piece_size"]):
+            raise _bad(f"profile must be one of {PROFILES}")
+        sites = body["sites"]
+        if not isinstance(sites, dict) or not sites:
+            raise _bad("sites must be a non-empty map")
+        for name, entry in sites.items():
+            if not _SITE.fullmatch(name):
+                raise _bad(f"site name {name[:40]!r} is not allowed")
+            _check_key(entry, f"sites.{name}")
+        if clock != 0:
+            raise _bad("a genesis has clock 0")
+    elif kind == "admit":
+        a = body["admit"]
+        if not isinstance(a, dict) or set(a) != {"site", "key", "role"}:
+            raise _bad("admit must have fields site, key, role")
+        if not isinstance(a["site"], str) or not _SITE.fullmatch(a["site"]):
+            raise _bad("admit.site is not an allowed site name")
+        _check_key({"key": a["key"], "role": a["role"]}, "admit")
+    elif kind == "contribute":
+        if body["form"] not in ("full", "delta"):
+            raise _bad("form must be 'full' or 'delta'")
+        if body["form"] == "delta" and "base" not in body:
+            raise _bad("a delta contribution names its base")
+        for field in ("label", "family"):
+            if not isinstance(body[field], str) or len(body[field]) > 200:
+                raise _bad(f"{field} must be a string of at most 200 characters")
+        if not isinstance(body["params"], dict):
+            raise _bad("params must be a map")
+        _check_params(body["params"], "params")
+    elif kind == "retract":
+        _sorted_ids(body["targets"], "targets", nonempty=True)
+    elif kind == "recipe":
+        if not isinstance(body["method"], str) or not _METHOD.fullmatch(body["method"]):
+            raise _bad("method must be a lowercase name")
+        if not isinstance(body["params"], dict):
+            raise _bad("params must be a map")
+        _check_params(body["params"], "params")
+        _sorted_ids(body["supersedes"], "supersedes", nonempty=False)
+
+
+def decode(data: bytes) -> Op:
+    """Decode op bytes and check their structure (not the signature: see :func:`verify`).
+
+    Raises:
+        NonCanonicalEncoding, SchemaError.
+    """
+    body = codec.decode(data)
+    check_structure(body)
+    return Op(OpId(digest(data)), bytes(data), body)
+
+
+def signing_bytes(body: Mapping[str, Any]) -> bytes:
+    return SIGN_DOMAIN + codec.encode({k: v for k, v in body.items() if k != "sig"})
+
+
+def sign(body: Mapping[str, Any], key: Ed25519PrivateKey) -> Op:
+    """Sign an op body (without ``sig``) and return the op, structurally checked."""
+    unsigned = {k: v for k, v in body.items() if k != "sig"}
+    signed = dict(unsigned, sig=key.sign(signing_bytes(unsigned)))
+    return decode(codec.encode(signed))
+
+
+def _verify_sig(op: Op, public_key: bytes) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(op.body["sig"],
+                                                              signing_bytes(op.body))
+    except (InvalidSignature, ValueError):
+        raise BadSignature(f"op {op.id} is not signed by the key of site {op.site!r}") from None
+
+
+def verify(op: Op, project: str | None, get_op: Callable[[str], Op | None]) -> None:
+    """Check what the structure cannot: project, membership reference, role and signature.
+
+    ``get_op`` returns a held op by id (or None). The answer depends only on ``op`` and the
+    ops it references, so every replica decides the same.
+
+    Raises:
+        WrongProject, UnknownSite, NotAuthorized, BadSignature.
+    """
+    if op.kind == "genesis":
+        entry = op.body["sites"].get(op.site)
+        if entry is None or entry["role"] != "admin":
+            raise UnknownSite(f"genesis {op.id} is signed by {op.site!r}, which it does not "
+                              "declare as an admin")
+        if project is not None and project != op.id:
+            raise WrongProject(project, op.id)
+        _verify_sig(op, entry["key"])
+        return
+    if project is not None and op.body["project"] != project:
+        raise WrongProject(project, op.body["project"])
+    member = get_op(op.body["member"])
+    if member is None or member.kind not in ("genesis", "admit") or member.project != op.project:
+        raise UnknownSite(f"op {op.id} by {op.site!r} relies on membership op "
+                          f"{op.body['member']}, which this replica does not hold")
+    declared = member.site_key(op.site)
+    if declared is None:
+        raise UnknownSite(f"membership op {member.id} does not declare site {op.site!r}")
+    key, role = declared
+    if op.kind == "admit" and role != "admin":
+        raise NotAuthorized(f"site {op.site!r} is not an admin and cannot admit sites")
+    _verify_sig(op, key)
+
+
+def references(op: Op) -> list[str]:
+    """Op ids that must be held before ``op`` can be verified (its membership op)."""
+    return [] if op.kind == "genesis" else [op.body["member"]]
+
+
+def new_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def public_bytes(key: Ed25519PrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)

@@ -1,0 +1,71 @@
+"""BLAKE3-256 ids and their types.
+
+Every object is named by the BLAKE3-256 digest of its bytes, written as 64 lowercase hex
+characters. The id types below are ``NewType``s over ``str`` so that signatures say which
+kind of object an id names; :func:`check_id` is the one place ids from outside are validated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import NewType
+
+import blake3
+
+from crdt_merge.errors import BadId
+
+PieceId = NewType("PieceId", str)
+ManifestId = NewType("ManifestId", str)
+OpId = NewType("OpId", str)
+PlanId = NewType("PlanId", str)
+StateRoot = NewType("StateRoot", str)
+SiteId = NewType("SiteId", str)
+
+_ID = re.compile(r"[0-9a-f]{64}")
+
+STATE_ROOT_DOMAIN = b"crdt-merge/state-root/v1\x00"
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    """The BLAKE3-256 of ``data`` as 64 lowercase hex characters."""
+    return blake3.blake3(data).hexdigest()
+
+
+def is_id(value: object) -> bool:
+    """True when ``value`` is a well-formed id (64 lowercase hex characters)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a well-formed id, else raise :class:`BadId`."""
+    if not is_id(value):
+        raise BadId(value, what)
+    assert isinstance(value, str)
+    return value
+
+
+def state_root(op_ids: Iterable[str]) -> StateRoot:
+    """The state root of a set of ops: BLAKE3 over a domain tag and the sorted raw op ids.
+
+    Duplicates count once, so the root is a function of the set, not of arrival order.
+    """
+    h = blake3.blake3(STATE_ROOT_DOMAIN)
+    for op_id in sorted(set(op_ids)):
+        h.update(bytes.fromhex(op_id))
+    return StateRoot(h.hexdigest())
+
+
+class Hasher:
+    """Incremental BLAKE3 for bytes that arrive in chunks (streams, uploads)."""
+
+    def __init__(self) -> None:
+        self._h = blake3.blake3()
+        self.size = 0
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._h.update(chunk)
+        self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()

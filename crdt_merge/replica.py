@@ -1,0 +1,412 @@
+"""A replica of a merge project: one directory, one site's key, the op set and the objects.
+
+This is the public Python API over the store and the CRDT::
+
+    r = Replica.create("a", site="alice")             # a new project; alice is its admin
+    b = Replica.join("b", site="bob", genesis=r.genesis_bytes())
+    r.admit("bob", b.public_key)
+    op = r.contribute(manifest_id, params={"weight": "0.5"})
+    sync(r, b)                                          # crdt_merge.sync
+    assert r.state_root() == b.state_root()
+
+Ops enter the set only through :meth:`stage` and :meth:`commit_staged` (or :meth:`apply`,
+both at once): an op joins the set when its membership op is held, its signature verifies,
+and every object it references is held and verified, except a contribute op that its own
+site has retracted, which needs no objects.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from crdt_merge.crdt import ops as opmod
+from crdt_merge.crdt import opset
+from crdt_merge.crdt.ops import Op
+from crdt_merge.errors import (
+    CrdtMergeError,
+    IncompleteOp,
+    NonCanonicalEncoding,
+    NotAReplica,
+    OpMissing,
+    PieceCorrupt,
+    SchemaError,
+    UnknownSite,
+    WrongProject,
+)
+from crdt_merge.hashing import ManifestId, OpId, StateRoot, check_id
+from crdt_merge.store import manifests
+from crdt_merge.store.local import LocalStore
+from crdt_merge.store.manifests import Manifest
+
+KEY_FILE = "site.key"
+
+
+@dataclass
+class CommitReport:
+    committed: list[str] = field(default_factory=list)
+    rejected: dict[str, CrdtMergeError] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)
+
+
+class Replica:
+    """One replica directory (see the module docstring). Safe to share between threads."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self.path = store.root
+        genesis = store.index.get_meta("genesis")
+        site = store.index.get_meta("site")
+        if genesis is None or site is None:
+            raise NotAReplica(str(self.path))
+        self.genesis_id = OpId(genesis.decode())
+        self.site = site.decode()
+        self._lock = threading.RLock()
+        self._ops: dict[str, Op] = {}
+        self._root: StateRoot | None = None
+        self._key: Ed25519PrivateKey | None = None
+        genesis_op = self.get_op(self.genesis_id)
+        if genesis_op is None:
+            raise NotAReplica(str(self.path))
+        self.piece_size: int = genesis_op.body["profile"]["piece_size"]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Replica:
+        return cls(LocalStore.open(Path(path)))
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], site: str, *, name: str = "merge",
+               profile: str = "v1", rng: Callable[[int], bytes] = os.urandom) -> Replica:
+        """Create a new merge project in an empty directory; ``site`` is its first admin."""
+        key = Ed25519PrivateKey.from_private_bytes(rng(32))
+        body = {
+            "v": opmod.VERSION, "kind": "genesis", "site": site, "clock": 0, "name": name,
+            "nonce": rng(16),
+            "profile": {"name": profile, "piece_size": opmod.PROFILES.get(profile, -1)},
+            "sites": {site: {"key": opmod.public_bytes(key), "role": "admin"}},
+        }
+        genesis = opmod.sign(body, key)
+        return cls._init_dir(Path(path), site, key, genesis)
+
+    @classmethod
+    def join(cls, path: str | os.PathLike[str], site: str, genesis: bytes, *,
+             rng: Callable[[int], bytes] = os.urandom) -> Replica:
+        """Create a replica of an existing project from its genesis op, with a new key for
+        ``site``. An admin must :meth:`admit` the site before it can author ops."""
+        op = opmod.decode(genesis)
+        if op.kind != "genesis":
+            raise SchemaError("join needs the project's genesis op")
+        opmod.verify(op, None, lambda _id: None)
+        key = Ed25519PrivateKey.from_private_bytes(rng(32))
+        return cls._init_dir(Path(path), site, key, op)
+
+    @classmethod
+    def _init_dir(cls, path: Path, site: str, key: Ed25519PrivateKey, genesis: Op) -> Replica:
+        if not opmod._SITE.fullmatch(site):
+            raise SchemaError(f"site name {site!r}: use 1-64 of [a-z0-9_.-]")
+        store = LocalStore.create(path)
+        key_path = path / KEY_FILE
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes_raw())
+            f.flush()
+            os.fsync(f.fileno())
+        store.insert_op(genesis.id, genesis.kind, genesis.site, genesis.clock, genesis.data, [])
+        with store.index.write() as c:
+            c.execute("INSERT INTO meta VALUES ('genesis', ?)", (genesis.id.encode(),))
+            c.execute("INSERT INTO meta VALUES ('site', ?)", (site.encode(),))
+        return cls(store)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Replica:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- identity -----------------------------------------------------------------------------
+
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        if self._key is None:
+            self._key = Ed25519PrivateKey.from_private_bytes((self.path / KEY_FILE).read_bytes())
+        return self._key
+
+    @property
+    def public_key(self) -> bytes:
+        return opmod.public_bytes(self.key)
+
+    def genesis_bytes(self) -> bytes:
+        data = self.store.op_data(self.genesis_id)
+        assert data is not None
+        return data
+
+    def membership(self) -> Op:
+        """The held membership op that declares this site's key (genesis first)."""
+        pub = self.public_key
+        found = [op for op in self.ops().values()
+                 if op.kind in ("genesis", "admit") and (op.site_key(self.site) or (b"",))[0] == pub]
+        if not found:
+            raise UnknownSite(f"site {self.site!r} is not admitted to this project yet; an admin "
+                              f"runs `crdt-merge admit DIR {self.site} {pub.hex()}` and syncs")
+        found.sort(key=lambda op: (op.kind != "genesis", op.body["admit"]["role"] != "admin"
+                                   if op.kind == "admit" else False, op.id))
+        return found[0]
+
+    # -- the op set -------------------------------------------------------------------------
+
+    def ops(self) -> dict[str, Op]:
+        """All committed ops by id (cached; reloaded when any process committed)."""
+        with self._lock:
+            if self.store.index.changed():
+                rows = self.store.op_rows()
+                self._ops = {i: self._ops.get(i) or opmod.decode(d) for i, d in rows}
+                self._root = None
+            return self._ops
+
+    def op_ids(self) -> list[str]:
+        return sorted(self.ops())
+
+    def get_op(self, op_id: str) -> Op | None:
+        return self.ops().get(op_id)
+
+    def state_root(self) -> StateRoot:
+        ops = self.ops()
+        with self._lock:
+            if self._root is None:
+                self._root = opset.root(ops.values())
+            return self._root
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def put_manifest(self, manifest: Manifest) -> ManifestId:
+        return ManifestId(self.store.put(manifest.encode()))
+
+    def get_manifest(self, manifest_id: str) -> Manifest:
+        return manifests.decode(self.store.get(manifest_id))
+
+    def objects_needed(self, op: Op, retracts: Mapping[str, list[Op]] | None = None) -> list[str]:
+        """The manifests ``op`` references (none for a contribute its own site retracted)."""
+        if op.kind == "contribute":
+            if retracts is None:
+                retracts = opset.retracts_by_target(self.ops().values())
+            if opset.is_retracted(op, retracts):
+                return []
+        return op.objects()
+
+    def closure(self, manifest_ids: Iterable[str]) -> list[str]:
+        """The manifests given plus every piece they reference (manifests must be held)."""
+        out = dict.fromkeys(manifest_ids)
+        for mid in list(out):
+            out.update(dict.fromkeys(self.get_manifest(mid).piece_ids()))
+        return list(out)
+
+    # -- applying ops -------------------------------------------------------------------------
+
+    def stage(self, data: bytes) -> Op:
+        """Check an incoming op's encoding, structure and project, and stage it.
+
+        Raises:
+            NonCanonicalEncoding, SchemaError, WrongProject.
+        """
+        op = opmod.decode(data)
+        if op.project != self.genesis_id:
+            raise WrongProject(self.genesis_id, op.project)
+        if op.id not in self.ops():
+            self.store.stage_op(op.id, op.data)
+        return op
+
+    def staged(self) -> list[Op]:
+        out = []
+        for op_id, data in self.store.staged_rows():
+            try:
+                out.append(opmod.decode(data))
+            except (NonCanonicalEncoding, SchemaError):
+                self.store.unstage_op(op_id)
+        return out
+
+    def commit_staged(self) -> CommitReport:
+        """Commit every staged op whose membership op and objects are held; drop the
+        ones that can never be valid (bad signature, unknown site, not a manifest)."""
+        report = CommitReport()
+        with self._lock:
+            pending = {op.id: op for op in self.staged()}
+            progress = True
+            while progress and pending:
+                progress = False
+                retracts = opset.retracts_by_target(self.ops().values())
+                for op in opset.commit_order(pending.values()):
+                    if op.member is not None and op.member not in self.ops():
+                        if op.member in pending:
+                            continue
+                    try:
+                        opmod.verify(op, self.genesis_id, self.get_op)
+                        needed = self.objects_needed(op, retracts)
+                        missing = self.store.missing(needed)
+                        if missing:
+                            continue
+                        objects = self.closure(needed)
+                        self.store.insert_op(op.id, op.kind, op.site, op.clock, op.data, objects)
+                    except (IncompleteOp, PieceCorrupt):
+                        continue  # objects still arriving, or lost and wanted again
+                    except UnknownSite as exc:
+                        if op.member in pending or op.member not in self.ops():
+                            continue  # its membership op may still arrive
+                        self.store.unstage_op(op.id)
+                        report.rejected[op.id] = exc
+                    except CrdtMergeError as exc:
+                        self.store.unstage_op(op.id)
+                        report.rejected[op.id] = exc
+                    else:
+                        report.committed.append(op.id)
+                        progress = True
+                    del pending[op.id]
+            report.waiting = sorted(pending)
+        return report
+
+    def apply(self, data: bytes) -> OpId:
+        """Stage and commit one op; raise why when it cannot join the set now."""
+        op = self.stage(data)
+        if op.id in self.ops():
+            return op.id
+        report = self.commit_staged()
+        if op.id in report.rejected:
+            raise report.rejected[op.id]
+        if op.id not in self.ops():
+            self.store.unstage_op(op.id)
+            if op.member not in self.ops():
+                raise UnknownSite(f"op {op.id} relies on membership op {op.member}, "
+                                  "which this replica does not hold")
+            missing = self.store.missing(self.objects_needed(op))
+            if not missing:
+                missing = self.store.missing(self.closure(self.objects_needed(op)))
+            raise IncompleteOp(op.id, sorted(missing))
+        return op.id
+
+    # -- authoring ------------------------------------------------------------------------
+
+    def _author(self, kind: str, fields: Mapping[str, Any]) -> Op:
+        member = self.membership()
+        body = {"v": opmod.VERSION, "kind": kind, "site": self.site,
+                "clock": opset.next_clock(self.ops().values()),
+                "project": self.genesis_id, "member": member.id, **fields}
+        op = opmod.sign(body, self.key)
+        self.apply(op.data)
+        return op
+
+    def admit(self, site: str, public_key: bytes, role: str = "member") -> Op:
+        return self._author("admit", {"admit": {"site": site, "key": bytes(public_key),
+                                                "role": role}})
+
+    def contribute(self, manifest_id: str, *, form: str = "full", base: str | None = None,
+                   params: Mapping[str, Any] | None = None, label: str = "",
+                   family: str = "") -> Op:
+        fields: dict[str, Any] = {"manifest": check_id(manifest_id, "manifest id"),
+                                  "form": form, "params": dict(params or {}),
+                                  "label": label, "family": family}
+        if base is not None:
+            fields["base"] = check_id(base, "base manifest id")
+        return self._author("contribute", fields)
+
+    def retract(self, op_ids: Iterable[str]) -> Op:
+        targets = sorted({check_id(i, "op id") for i in op_ids})
+        for target in targets:
+            held = self.get_op(target)
+            if held is None:
+                raise OpMissing(target)
+            if held.kind != "contribute":
+                raise SchemaError(f"op {target} is a {held.kind}, not a contribution")
+        return self._author("retract", {"targets": targets})
+
+    def set_recipe(self, method: str, params: Mapping[str, Any] | None = None, *,
+                   anchor: str | None = None, supersedes: Iterable[str] | None = None) -> Op:
+        """Author a recipe. By default it supersedes every recipe now unsuperseded, which
+        resolves a conflict."""
+        if supersedes is None:
+            state = opset.recipe_state(self.ops().values())
+            heads = ([state.winner] if state.winner else []) + list(state.conflicts)
+            supersedes = [op.id for op in heads]
+        fields: dict[str, Any] = {"method": method, "params": dict(params or {}),
+                                  "supersedes": sorted(set(supersedes))}
+        if anchor is not None:
+            fields["anchor"] = check_id(anchor, "anchor manifest id")
+        return self._author("recipe", fields)
+
+    # -- reading the state ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        ops = list(self.ops().values())
+        recipes = opset.recipe_state(ops)
+        live = {op.id for op in opset.live_contributions(ops)}
+        contributions = [
+            {"op_id": op.id, "site": op.site, "label": op.body["label"],
+             "manifest": op.body["manifest"], "form": op.body["form"],
+             "params": op.body["params"], "live": op.id in live}
+            for op in sorted((o for o in ops if o.kind == "contribute"), key=lambda o: o.id)
+        ]
+        recipe = None
+        if recipes.winner is not None:
+            w = recipes.winner.body
+            recipe = {"op_id": recipes.winner.id, "method": w["method"], "params": w["params"],
+                      "anchor": w.get("anchor"), "site": w["site"]}
+        return {
+            "project": self.genesis_id, "site": self.site, "state_root": self.state_root(),
+            "ops": len(ops), "staged": len(self.store.staged_rows()),
+            "sites": sorted({op.site for op in ops}),
+            "contributions": contributions, "recipe": recipe,
+            "conflicts": [{"op_id": op.id, "method": op.body["method"], "site": op.site}
+                          for op in recipes.conflicts],
+            "ignored_retracts": [{"retract": r.id, "target": t}
+                                 for r, t in opset.ignored_retracts(ops)],
+        }
+
+    def gc(self) -> dict[str, int]:
+        """Delete objects referenced only by contributions their own site retracted."""
+        ops = list(self.ops().values())
+        retracts = opset.retracts_by_target(ops)
+        keep: set[str] = set()
+        dead: set[str] = set()
+        for op in ops + self.staged():
+            refs = [m for m in op.objects() if self.store.has(m)]
+            objects = set(self.closure(refs))
+            if op.kind == "contribute" and op.id in self.ops() and opset.is_retracted(op, retracts):
+                dead |= objects
+            else:
+                keep |= objects
+        doomed = sorted(dead - keep)
+        self.store.delete_objects(doomed)
+        return {"deleted": len(doomed)}
+
+    def fsck(self) -> dict[str, Any]:
+        """Verify every held object and op; quarantine what fails. ``ok`` is False when
+        anything was corrupt or an op lacks its objects."""
+        corrupt = []
+        for object_id in self.store.object_ids():
+            try:
+                self.store.get(object_id)
+            except PieceCorrupt:
+                corrupt.append(object_id)
+        bad_ops = [op_id for op_id, data in self.store.op_rows()
+                   if opmod.decode(data).id != op_id]
+        ops = list(self.ops().values())
+        retracts = opset.retracts_by_target(ops)
+        incomplete = []
+        for op in ops:
+            needed = self.objects_needed(op, retracts)
+            held = [m for m in needed if self.store.has(m)]
+            if len(held) < len(needed) or self.store.missing(self.closure(held)):
+                incomplete.append(op.id)
+        return {"objects": len(self.store.object_ids()) + len(corrupt), "corrupt": corrupt,
+                "bad_ops": bad_ops, "incomplete_ops": incomplete, "wanted": self.store.index.wanted(),
+                "ok": not (corrupt or bad_ops or incomplete)}
+

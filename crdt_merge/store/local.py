@@ -1,0 +1,167 @@
+"""The embedded default store: one directory per replica.
+
+    DIR/replica.sqlite   ops, staged ops, the object index, settings (crdt_merge.store.db)
+    DIR/objects/...      content-addressed object files (crdt_merge.store.objects)
+    DIR/site.key         this site's Ed25519 private key (mode 0600)
+
+An object is durable on disk before its index row is written, and an op row is written
+only in a transaction that checks its objects' rows are present, so the index never names
+an object or an op whose objects a crash could have lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from crdt_merge.errors import (
+    HashMismatch,
+    IncompleteOp,
+    NotAReplica,
+    PieceCorrupt,
+    PieceMissing,
+    ReplicaExists,
+)
+from crdt_merge.hashing import PieceId, check_id, digest
+from crdt_merge.store.db import Index
+from crdt_merge.store.objects import ObjectFiles, crashpoint
+
+DB_NAME = "replica.sqlite"
+
+
+class LocalStore:
+    """Objects and op rows of one replica directory. Implements the PieceStore seam::
+
+        put(data) -> id        idempotent; verified; durable before it returns
+        get(id) -> bytes       verified on every read (PieceMissing / PieceCorrupt)
+        missing(ids) -> set    the ids this store lacks
+    """
+
+    def __init__(self, root: Path, index: Index) -> None:
+        self.root = Path(root)
+        self.files = ObjectFiles(self.root)
+        self.index = index
+
+    @classmethod
+    def create(cls, root: Path) -> LocalStore:
+        root = Path(root)
+        if (root / DB_NAME).exists():
+            raise ReplicaExists(str(root))
+        root.mkdir(parents=True, exist_ok=True)
+        if any(p.name not in (".", "..") for p in root.iterdir()):
+            raise ReplicaExists(str(root))
+        ObjectFiles(root).create()
+        return cls(root, Index(root / DB_NAME))
+
+    @classmethod
+    def open(cls, root: Path) -> LocalStore:
+        root = Path(root)
+        if not (root / DB_NAME).is_file():
+            raise NotAReplica(str(root))
+        store = cls(root, Index(root / DB_NAME))
+        store.files.clean_tmp()
+        return store
+
+    def close(self) -> None:
+        self.index.close()
+
+    # -- objects --------------------------------------------------------------------------
+
+    def put(self, data: bytes | memoryview, expected: str | None = None) -> PieceId:
+        """Store bytes under their BLAKE3 id (once, however often they arrive)."""
+        object_id = digest(data)
+        if expected is not None and expected != object_id:
+            raise HashMismatch(expected, object_id)
+        if self.index.has_objects([object_id]):
+            return PieceId(object_id)
+        self.files.write(data, object_id)
+        crashpoint("piece.before_index")
+        self.index.add_object(object_id, len(data))
+        return object_id
+
+    def put_stream(self, object_id: str, chunks: Iterable[bytes], max_size: int | None = None) -> PieceId:
+        """Store bytes that arrive in chunks, verified against ``object_id`` as they stream."""
+        check_id(object_id, "object id")
+        if self.index.has_objects([object_id]):
+            for _ in chunks:  # drain: the caller's transport stays in step
+                pass
+            return PieceId(object_id)
+        self.files.write_stream(object_id, chunks, max_size=max_size)
+        self.index.add_object(object_id, self.files.size(object_id))
+        return PieceId(object_id)
+
+    def get(self, object_id: str) -> bytes:
+        check_id(object_id, "object id")
+        if not self.index.has_objects([object_id]):
+            raise PieceMissing(object_id)
+        try:
+            return self.files.read(object_id)
+        except (PieceCorrupt, PieceMissing):
+            self.index.want([object_id])
+            raise
+
+    def has(self, object_id: str) -> bool:
+        return bool(self.index.has_objects([object_id]))
+
+    def missing(self, ids: Iterable[str]) -> set[str]:
+        ids = set(ids)
+        return ids - self.index.has_objects(ids)
+
+    def object_ids(self) -> list[str]:
+        return self.index.object_ids()
+
+    def delete_objects(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        self.index.remove_objects(ids)
+        for object_id in ids:
+            self.files.delete(object_id)
+
+    # -- ops ------------------------------------------------------------------------------
+
+    def op_rows(self) -> list[tuple[str, bytes]]:
+        return self.index.query("SELECT id, data FROM ops ORDER BY id")
+
+    def op_ids(self) -> list[str]:
+        return [r[0] for r in self.index.query("SELECT id FROM ops ORDER BY id")]
+
+    def op_data(self, op_id: str) -> bytes | None:
+        rows = self.index.query("SELECT data FROM ops WHERE id = ?", (op_id,))
+        return rows[0][0] if rows else None
+
+    def insert_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes,
+                  objects: Iterable[str]) -> bool:
+        """Commit an op row once all its objects are held (checked in the same transaction).
+
+        Returns False when the op was already held.
+
+        Raises:
+            IncompleteOp: an object is not held.
+        """
+        objects = sorted(set(objects))
+        with self.index.write() as c:
+            if c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
+                c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+                return False
+            missing = [o for o in objects
+                       if not c.execute("SELECT 1 FROM objects WHERE id = ?", (o,)).fetchone()]
+            if missing:
+                raise IncompleteOp(op_id, missing)
+            crashpoint("op.before_commit")
+            c.execute("INSERT INTO ops VALUES (?, ?, ?, ?, ?)", (op_id, kind, site, clock, data))
+            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+        return True
+
+    def stage_op(self, op_id: str, data: bytes) -> None:
+        with self.index.write() as c:
+            if not c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
+                c.execute("INSERT OR IGNORE INTO staged VALUES (?, ?)", (op_id, data))
+
+    def unstage_op(self, op_id: str) -> None:
+        with self.index.write() as c:
+            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+
+    def staged_rows(self) -> list[tuple[str, bytes]]:
+        return self.index.query("SELECT id, data FROM staged ORDER BY id")
+
+    def iter_objects_on_disk(self) -> Iterator[str]:
+        return self.files.all_ids()

@@ -1,0 +1,53 @@
+"""The filesystem transport: the peer is another replica directory on this machine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from crdt_merge.errors import OpMissing
+from crdt_merge.replica import Replica
+from crdt_merge.sync.protocol import PeerState
+
+
+class LocalPeer:
+    """A :class:`~crdt_merge.sync.protocol.Peer` backed by a replica opened in-process.
+
+    Counts the objects it served and received, so tests can check that nothing moves twice.
+    """
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.objects_served = 0
+        self.objects_received = 0
+
+    def state(self) -> PeerState:
+        r = self.replica
+        return PeerState(r.genesis_id, r.state_root(), len(r.ops()))
+
+    def op_ids(self) -> list[str]:
+        return self.replica.op_ids()
+
+    def get_ops(self, ids: Sequence[str]) -> list[bytes]:
+        ops = self.replica.ops()
+        out = []
+        for op_id in ids:
+            if op_id not in ops:
+                raise OpMissing(op_id)
+            out.append(ops[op_id].data)
+        return out
+
+    def missing(self, ids: Sequence[str]) -> set[str]:
+        return self.replica.store.missing(ids)
+
+    def get_object(self, object_id: str) -> bytes:
+        self.objects_served += 1
+        return self.replica.store.get(object_id)
+
+    def put_object(self, object_id: str, data: bytes) -> None:
+        self.replica.store.put(data, expected=object_id)
+        self.objects_received += 1
+
+    def put_ops(self, ops: Sequence[bytes]) -> list[str]:
+        for data in ops:
+            self.replica.stage(data)
+        return self.replica.commit_staged().committed
