@@ -68,16 +68,25 @@ class LocalStore:
     # -- objects --------------------------------------------------------------------------
 
     def put(self, data: bytes | memoryview, expected: str | None = None) -> PieceId:
-        """Store bytes under their BLAKE3 id (once, however often they arrive)."""
+        """Store bytes under their BLAKE3 id (once, however often they arrive).
+
+        Raises:
+            HashMismatch: ``expected`` is given and is not the BLAKE3 of ``data``.
+        """
+        return self.put_if_new(data, expected)[0]
+
+    def put_if_new(self, data: bytes | memoryview,
+                   expected: str | None = None) -> tuple[PieceId, bool]:
+        """Like :meth:`put`; also says whether the bytes were new to this store."""
         object_id = digest(data)
         if expected is not None and expected != object_id:
             raise HashMismatch(expected, object_id)
         if self.index.has_objects([object_id]):
-            return PieceId(object_id)
+            return PieceId(object_id), False
         self.files.write(data, object_id)
         crashpoint("piece.before_index")
         self.index.add_object(object_id, len(data))
-        return object_id
+        return PieceId(object_id), True
 
     def put_stream(self, object_id: str, chunks: Iterable[bytes], max_size: int | None = None) -> PieceId:
         """Store bytes that arrive in chunks, verified against ``object_id`` as they stream."""

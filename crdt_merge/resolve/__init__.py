@@ -1,0 +1,131 @@
+"""resolve: the pure function from (op set, store) to a checkpoint.
+
+``plan`` decides (printable, hashable); ``execute`` computes and renders. This package is
+the one place where the store, the CRDT, the methods and the families meet.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crdt_merge.errors import PlanError
+from crdt_merge.hashing import digest
+from crdt_merge.replica import Replica
+from crdt_merge.resolve import output
+from crdt_merge.resolve.execute import (
+    config_num_layers,
+    default_workers,
+    numeric_profile,
+    output_specs,
+    plan_jobs,
+    run_jobs,
+)
+from crdt_merge.resolve.plan import MergePlan, plan
+from crdt_merge.store.importer import read_file
+from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
+from crdt_merge.store.safetensors_io import iter_pieces
+
+__all__ = ["MergePlan", "Resolved", "plan", "resolve", "execute"]
+
+MANIFEST_FILE = "merge_manifest.json"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    checkpoint_id: str
+    plan_id: str
+    state_root: str
+    out: Path
+    plan: MergePlan
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checkpoint_id": self.checkpoint_id, "plan_id": self.plan_id,
+                "state_root": self.state_root, "out": str(self.out),
+                "numeric_profile": numeric_profile(),
+                "contributions": len(self.plan.contributions),
+                "decisions": [dict(d) for d in self.plan.decisions]}
+
+
+def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
+            workers: int | None = None,
+            max_shard_size: int = output.DEFAULT_SHARD_SIZE) -> Resolved:
+    """Compute ``the_plan`` from the replica's store into the folder ``out`` (replaced)."""
+    out = Path(out)
+    store = replica.store
+    ids = ([the_plan.base] if the_plan.base else []) + [c.manifest for c in the_plan.contributions]
+    manifests = {m: replica.get_manifest(m) for m in ids}
+    reference_id = the_plan.base or the_plan.contributions[0].manifest
+    reference = manifests[reference_id]
+
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    specs = output_specs(the_plan, manifests)
+    files: dict[str, bytes] = {}
+    for name, rec in sorted(reference.files.items()):
+        files[name] = read_file(store, rec)
+    config = json.loads(files["config.json"]) if "config.json" in files else None
+    if "config.json" in files:
+        files["config.json"] = output.transform_config(files["config.json"], the_plan.dtype)
+    where = output.prepare_files(tmp, specs, max_shard_size)
+    jobs = plan_jobs(the_plan, store, manifests, where, replica.piece_size,
+                     config_num_layers(config, [s[0] for s in specs]))
+    pieces = run_jobs(jobs, workers if workers is not None else default_workers())
+
+    tensors = {name: TensorRecord(dtype, shape, tuple(pieces[name])) for name, dtype, shape in specs}
+    file_records = {name: FileRecord(len(data), tuple(digest(p) for p in iter_pieces(
+        memoryview(data), replica.piece_size))) for name, data in files.items()}
+    manifest = Manifest(replica.piece_size, dict(sorted(tensors.items())), file_records,
+                        {"plan": the_plan.id})
+    checkpoint_id = manifest.id
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    record = {
+        "checkpoint_id": checkpoint_id, "plan_id": the_plan.id,
+        "state_root": the_plan.state_root, "recipe_op": the_plan.recipe_op,
+        "numeric_profile": numeric_profile(), "plan": the_plan.to_wire(),
+        "decisions": [dict(d) for d in the_plan.decisions],
+        "manifest": output.manifest_to_json(manifest),
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    labels = {c.op_id: c.label for c in the_plan.contributions}
+    output.write_card(tmp, output.model_card(record, labels))
+    output.sync_files(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return Resolved(checkpoint_id, the_plan.id, the_plan.state_root, out, the_plan)
+
+
+def resolve(replica: Replica, out: str | Path, *, workers: int | None = None,
+            max_shard_size: int = output.DEFAULT_SHARD_SIZE) -> Resolved:
+    """Plan and execute the replica's current state into ``out``."""
+    return execute(replica, plan(replica), out, workers=workers, max_shard_size=max_shard_size)
+
+
+def resolve_recorded(replica: Replica, manifest_file: str | Path, out: str | Path, *,
+                     workers: int | None = None) -> Resolved:
+    """Re-derive a checkpoint from its ``merge_manifest.json`` and check its id.
+
+    Raises:
+        PlanError: the re-derived checkpoint id differs (another numeric profile, or a
+            tampered record).
+    """
+    record = json.loads(Path(manifest_file).read_text())
+    the_plan = MergePlan.from_wire(record["plan"], tuple(record.get("decisions", ())),
+                                   record.get("recipe_op", ""), record.get("state_root", ""))
+    if the_plan.id != record["plan_id"]:
+        raise PlanError(f"{manifest_file}: the plan hashes to {the_plan.id}, "
+                        f"not the recorded {record['plan_id']}")
+    result = execute(replica, the_plan, out, workers=workers)
+    if result.checkpoint_id != record["checkpoint_id"]:
+        same = record.get("numeric_profile") == numeric_profile()
+        raise PlanError(f"re-derived checkpoint {result.checkpoint_id} differs from the recorded "
+                        f"{record['checkpoint_id']}"
+                        + ("" if same else " (different numeric profile)"))
+    return result

@@ -1,0 +1,201 @@
+"""execute: run a plan tensor by tensor and render the checkpoint folder.
+
+Each tensor is one job: read the base and donor tensors from the store (pieces verified),
+widen to float64, call the method, round once to the output dtype, write the bytes at their
+place in the output file and hash them into pieces. Jobs run in worker processes with one
+torch thread each (parallelism is across tensors, never inside a reduction), so the output
+bytes do not depend on the number of workers; memory is a few tensors per worker.
+
+The checkpoint id is the id of the output manifest (tensor records + config + tokenizer),
+never a hash of files.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crdt_merge import ENGINE
+from crdt_merge.hashing import digest
+from crdt_merge.methods import TensorJob, get_method
+from crdt_merge.methods.params import resolve_param
+from crdt_merge.numeric import NUMERIC_VERSION, round_to
+from crdt_merge.resolve.plan import MergePlan
+from crdt_merge.resolve.tensors import TORCH_DTYPES, load_tensor
+from crdt_merge.store.local import LocalStore
+from crdt_merge.store.manifests import Manifest, TensorRecord
+from crdt_merge.store.safetensors_io import iter_pieces
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: everything a worker needs, picklable."""
+
+    name: str
+    store: str
+    plan_wire: Mapping[str, Any]
+    plan_id: str
+    base: TensorRecord | None
+    donors: tuple[TensorRecord, ...]  # full weights or deltas, per contribution
+    forms: tuple[str, ...]
+    out_dtype: str
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    piece_size: int
+    num_layers: int
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def numeric_profile() -> dict[str, str]:
+    """What the bytes of a checkpoint may depend on beyond the plan (DESIGN section 4)."""
+    import platform
+
+    return {"engine": ENGINE, "numeric": NUMERIC_VERSION, "torch": torch.__version__,
+            "blas": "mkl" if torch.backends.mkl.is_available() else "none",
+            "arch": platform.machine()}
+
+
+_STORES: dict[str, LocalStore] = {}
+
+
+def _store(path: str) -> LocalStore:
+    if path not in _STORES:
+        _STORES[path] = LocalStore.open(Path(path))
+    return _STORES[path]
+
+
+def _stream_key(seed: str, name: str, op_id: str) -> bytes:
+    return bytes.fromhex(digest(b"crdt-merge/rng/v1\x00" + seed.encode() + b"\x00"
+                                + name.encode() + b"\x00" + bytes.fromhex(op_id)))
+
+
+def run_job(job: Job) -> tuple[str, list[str]]:
+    """Compute one output tensor, write it into the output file, return its piece ids."""
+    torch.set_num_threads(1)
+    store = _store(job.store)
+    wire = job.plan_wire
+    contributions = wire["contributions"]
+    base = load_tensor(store, job.base, torch.float64) if job.base is not None else None
+    if job.out_dtype not in ("F16", "BF16", "F32", "F64"):
+        # integer buffers and the like are not merged: the base's (or first donor's) bytes
+        src = job.base if job.base is not None else job.donors[0]
+        out = load_tensor(store, src)
+    else:
+        donors = []
+        for rec, form in zip(job.donors, job.forms, strict=True):
+            t = load_tensor(store, rec, torch.float64)
+            donors.append(base + t if form == "delta" and base is not None else t)
+        layer = layer_index(job.name)
+        method = get_method(wire["method"])
+        seed = wire["seed"] or job.plan_id
+        merged = method.merge(TensorJob(
+            name=job.name, base=base, donors=tuple(donors),
+            params=tuple({k: resolve_param(v, job.name, layer, job.num_layers)
+                          for k, v in c["params"].items()} for c in contributions),
+            options={k: (v if isinstance(v, (bool,)) or not isinstance(v, (str, list))
+                         or not _numeric_like(v) else resolve_param(v, job.name, layer, job.num_layers))
+                     for k, v in wire["params"].items()},
+            keys=tuple(_stream_key(seed, job.name, c["op_id"]) for c in contributions),
+            layer_index=layer, num_layers=job.num_layers,
+        ))
+        out = round_to(merged, TORCH_DTYPES[job.out_dtype])
+    data = out.contiguous().view(torch.uint8).numpy().tobytes() if out.numel() else b""
+    fd = os.open(job.path, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            pos += os.pwrite(fd, view[pos:], job.offset + pos)
+    finally:
+        os.close(fd)
+    return job.name, [digest(p) for p in iter_pieces(memoryview(data), job.piece_size)]
+
+
+def _numeric_like(v: object) -> bool:
+    from crdt_merge.codec import looks_numeric
+
+    if isinstance(v, str):
+        return looks_numeric(v)
+    return isinstance(v, list)
+
+
+def run_jobs(jobs: Sequence[Job], workers: int) -> dict[str, list[str]]:
+    """Run jobs, biggest first, on ``workers`` processes (1: in this process)."""
+    order = sorted(jobs, key=lambda j: -_numel(j.shape))
+    if workers <= 1 or len(jobs) <= 1:
+        threads = torch.get_num_threads()
+        try:
+            return dict(run_job(j) for j in order)
+        finally:
+            torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return dict(pool.map(run_job, order))
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def plan_jobs(plan: MergePlan, store: LocalStore, manifests: Mapping[str, Manifest],
+              shards: Mapping[str, tuple[str, int]], piece_size: int,
+              num_layers: int) -> list[Job]:
+    base = manifests[plan.base] if plan.base else None
+    reference = base or manifests[plan.contributions[0].manifest]
+    wire = plan.to_wire()
+    jobs = []
+    for name, rec in reference.tensors.items():
+        out_dtype = plan.dtype if (plan.dtype and rec.dtype in ("F16", "BF16", "F32", "F64")) else rec.dtype
+        path, offset = shards[name]
+        jobs.append(Job(
+            name=name, store=str(store.root), plan_wire=wire, plan_id=plan.id,
+            base=base.tensors[name] if base else None,
+            donors=tuple(manifests[c.manifest].tensors[name] for c in plan.contributions),
+            forms=tuple(c.form for c in plan.contributions), out_dtype=out_dtype,
+            shape=rec.shape, path=path, offset=offset, piece_size=piece_size,
+            num_layers=num_layers,
+        ))
+    return jobs
+
+
+def output_specs(plan: MergePlan, manifests: Mapping[str, Manifest]) -> list[tuple[str, str, tuple[int, ...]]]:
+    reference = manifests[plan.base] if plan.base else manifests[plan.contributions[0].manifest]
+    return [(name, plan.dtype if (plan.dtype and rec.dtype in ("F16", "BF16", "F32", "F64"))
+             else rec.dtype, rec.shape) for name, rec in reference.tensors.items()]
+
+
+def config_num_layers(config: Mapping[str, Any] | None, names: Sequence[str]) -> int:
+    if config:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(config.get(key), int):
+                return int(config[key])
+    layers = [layer_index(n) for n in names]
+    found = [i for i in layers if i is not None]
+    return max(found) + 1 if found else 1
+
+
+def dumps_json(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()

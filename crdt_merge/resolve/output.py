@@ -1,0 +1,140 @@
+"""The checkpoint folder: safetensors shards with our own headers, config, tokenizer, card.
+
+The folder is a rendering of the output manifest. ``merge_manifest.json`` holds the plan,
+the state root, the numeric profile and the manifest itself, so ``crdt-merge resolve
+--plan merge_manifest.json`` re-derives the same checkpoint and checks its id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from crdt_merge.store.manifests import DTYPE_SIZES, Manifest
+from crdt_merge.store.objects import fsync_dir
+from crdt_merge.store.safetensors_io import header_bytes
+
+DEFAULT_SHARD_SIZE = 5 * 1024**3
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONFIG_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    n = DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def shard_layout(specs: Sequence[tuple[str, str, tuple[int, ...]]],
+                 max_shard_size: int) -> list[list[tuple[str, str, tuple[int, ...]]]]:
+    """Cut tensors, in name order, into shards of at most ``max_shard_size`` data bytes (a
+    tensor bigger than that gets a shard of its own)."""
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in sorted(specs):
+        n = _nbytes(spec[1], spec[2])
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def prepare_files(out: Path, specs: Sequence[tuple[str, str, tuple[int, ...]]],
+                  max_shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, tuple[str, int]]:
+    """Create the safetensors files with their headers, sized for their data; return each
+    tensor's (file path, absolute offset) for the jobs to write into."""
+    shards = shard_layout(specs, max_shard_size)
+    names = ([SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    where: dict[str, tuple[str, int]] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file_name, shard in zip(names, shards, strict=True):
+        prefix, offsets = header_bytes(shard, {"format": "pt"})
+        path = out / file_name
+        data_size = sum(_nbytes(d, s) for _, d, s in shard)
+        with open(path, "wb") as f:
+            f.write(prefix)
+            f.truncate(len(prefix) + data_size)
+        for name, _, _ in shard:
+            where[name] = (str(path), offsets[name])
+            weight_map[name] = file_name
+        total += data_size
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return where
+
+
+def sync_files(out: Path) -> None:
+    for f in sorted(out.iterdir()):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(out)
+
+
+def transform_config(config_bytes: bytes, out_dtype: str | None) -> bytes:
+    """The config the output carries: the base's, with its dtype set to the output's."""
+    config = json.loads(config_bytes)
+    if out_dtype in CONFIG_DTYPES:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "dtype":
+                config[key] = CONFIG_DTYPES[out_dtype]
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """The README.md of the checkpoint: every contribution, every decision, the recipe."""
+    plan = manifest_json["plan"]
+    lines = [
+        "---", "library_name: transformers", "tags:", "- merge", "- crdt-merge", "---", "",
+        "# Merged model", "",
+        f"Resolved by {manifest_json['numeric_profile']['engine']} from a replicated merge "
+        "project. Every replica holding the same ops resolves this checkpoint byte for byte.",
+        "", f"- checkpoint id: `{manifest_json['checkpoint_id']}`",
+        f"- plan id: `{manifest_json['plan_id']}`",
+        f"- state root: `{manifest_json['state_root']}`",
+        f"- numeric profile: `{json.dumps(manifest_json['numeric_profile'], sort_keys=True)}`",
+        "", "## Recipe", "",
+        f"- method: `{plan['method']}` (recipe op `{manifest_json['recipe_op']}`)",
+        f"- parameters: `{json.dumps(plan['params'], sort_keys=True)}`",
+        f"- base / anchor manifest: `{plan['base'] or '(none)'}`",
+        f"- output dtype: `{plan['dtype'] or 'as the base'}`", "",
+        "## Contributions (canonical order)", "",
+        "| op | site | model | form | parameters |", "|---|---|---|---|---|",
+    ]
+    for c in plan["contributions"]:
+        lines.append(f"| `{c['op_id'][:16]}` | {c['site']} | {labels.get(c['op_id'], c['label'])} "
+                     f"| {c['form']} | `{json.dumps(c['params'], sort_keys=True)}` |")
+    lines += ["", "## Plan decisions", ""]
+    decisions = manifest_json["decisions"]
+    if not decisions:
+        lines.append("None: every live contribution was merged.")
+    for d in decisions:
+        lines.append(f"- {d['decision']}: `{d.get('op_id', '')[:16]}` {d['detail']}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_card(out: Path, text: str) -> None:
+    try:
+        from huggingface_hub import ModelCard
+    except ImportError:  # pragma: no cover - without the hub extra, the same text
+        (out / "README.md").write_text(text)
+        return
+    ModelCard(text).save(out / "README.md")
+
+
+def manifest_to_json(manifest: Manifest) -> dict[str, Any]:
+    return manifest.to_wire()

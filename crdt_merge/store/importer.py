@@ -1,0 +1,159 @@
+"""Import a model into a replica's store: tensors as pieces, config and tokenizer as files.
+
+Sources: a ``.safetensors`` file, a folder holding one (or a sharded checkpoint with
+``model.safetensors.index.json``) plus config and tokenizer files, or a Hugging Face repo
+id resolved through huggingface_hub's local cache (``org/name`` or ``org/name@revision``).
+Tensors are read through a memory map, one piece at a time, and only pieces the store lacks
+are written, so importing the same model twice writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crdt_merge.errors import ModelImportError, PieceMissing
+from crdt_merge.hashing import ManifestId
+from crdt_merge.store.local import LocalStore
+from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
+from crdt_merge.store.safetensors_io import MappedFile, iter_pieces, read_header
+
+#: files of a model folder kept beside the tensors (config, tokenizer, chat template)
+KEPT_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "preprocessor_config.json",
+)
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class Imported:
+    manifest_id: ManifestId
+    manifest: Manifest
+    source: str
+    new_pieces: int
+    total_pieces: int
+
+
+def resolve_source(source: str) -> Path:
+    """A local path, or a Hugging Face repo id (``org/name[@revision]``) found in the local
+    huggingface_hub cache. Never downloads when ``HF_HUB_OFFLINE`` is set.
+
+    Raises:
+        ModelImportError: neither a local path nor a cached repo.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    repo, _, revision = source.partition("@")
+    if repo.count("/") != 1 or repo.startswith(("/", ".")):
+        raise ModelImportError(f"{source}: no such file or folder (and not an org/name repo id)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - the hub extra is not installed
+        raise ModelImportError(f"{source}: install crdt-model-merge[hub] to import by repo id") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        folder = snapshot_download(repo, revision=revision or None, local_files_only=offline)
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
+        raise ModelImportError(f"{source}: not in the local Hugging Face cache and not "
+                               f"downloadable here ({type(exc).__name__})") from None
+    return Path(folder)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelImportError(f"{path}: only .safetensors files can be imported")
+        return [path]
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelImportError(f"{index}: malformed shard index ({exc})") from None
+        for shard in shards:
+            if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
+                raise ModelImportError(f"{index}: shard name {shard!r} is not a plain file name")
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelImportError(f"{path}: shards named by the index are missing: {missing}")
+        return [path / s for s in shards]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise ModelImportError(f"{path}: no .safetensors files")
+    return found
+
+
+def _put_bytes(store: LocalStore, data: memoryview, piece_size: int) -> tuple[list[str], int]:
+    """Store ``data`` as pieces; return their ids and how many were new."""
+    ids, new = [], 0
+    for piece in iter_pieces(data, piece_size):
+        piece_id, was_new = store.put_if_new(piece)
+        ids.append(piece_id)
+        new += was_new
+    return ids, new
+
+
+def import_model(store: LocalStore, source: str, piece_size: int,
+                 meta: dict[str, Any] | None = None) -> Imported:
+    """Import ``source`` and store its manifest. See the module docstring.
+
+    Raises:
+        ModelImportError: unreadable, truncated or inconsistent files, or a tensor name
+            that appears in two shards.
+    """
+    path = resolve_source(source)
+    tensors: dict[str, TensorRecord] = {}
+    new = total = 0
+    for weights in _weight_files(path):
+        infos, _ = read_header(weights)
+        with MappedFile(weights) as mf:
+            if len(mf.view) != weights.stat().st_size:
+                raise ModelImportError(f"{weights}: file changed while reading")
+            for name in sorted(infos):
+                info = infos[name]
+                if name in tensors:
+                    raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
+                ids, n_new = _put_bytes(store, mf.view[info.begin:info.end], piece_size)
+                tensors[name] = TensorRecord(info.dtype, info.shape, tuple(ids))
+                new += n_new
+                total += len(ids)
+    files: dict[str, FileRecord] = {}
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        for name in KEPT_FILES:
+            f = folder / name
+            if f.is_file():
+                data = memoryview(f.read_bytes())
+                ids, n_new = _put_bytes(store, data, piece_size)
+                files[name] = FileRecord(len(data), tuple(ids))
+                new += n_new
+                total += len(ids)
+    info_meta: dict[str, Any] = dict(meta or {})
+    config = folder / "config.json"
+    if path.is_dir() and config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            raise ModelImportError(f"{config}: not valid JSON") from None
+        if isinstance(model_type, str):
+            info_meta.setdefault("model_type", model_type)
+    manifest = Manifest(piece_size, dict(sorted(tensors.items())), files, info_meta)
+    data = manifest.encode()
+    mid = ManifestId(store.put(data))
+    return Imported(mid, manifest, str(path), new, total)
+
+
+def read_file(store: LocalStore, record: FileRecord) -> bytes:
+    """The bytes of a file record (pieces joined, each verified)."""
+    data = b"".join(store.get(p) for p in record.pieces)
+    if len(data) != record.size:
+        raise PieceMissing(record.pieces[-1] if record.pieces else "")
+    return data
