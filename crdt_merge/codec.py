@@ -51,7 +51,10 @@ def encode(value: Any) -> bytes:
     Raises:
         FormatError: a float, a non-string map key, an unsupported type or too deep nesting.
     """
-    return msgpack.packb(_canon(value, 0), use_bin_type=True)
+    try:
+        return msgpack.packb(_canon(value, 0), use_bin_type=True)
+    except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
+        raise FormatError(f"string is not valid Unicode: {exc.reason}") from None
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -102,13 +105,19 @@ def looks_numeric(text: str) -> bool:
     return _NUMBERISH.fullmatch(text) is not None
 
 
+#: decimal exponents beyond this have no canonical decimal (the string would be huge)
+MAX_DECIMAL_EXPONENT = 4096
+
+
 def canonical_decimal(value: str | int | float | Decimal) -> str:
     """The canonical decimal string of a number: no exponent, no trailing zeros, no ``-0``.
 
-    Floats are taken at their shortest round-trip ``repr`` (``0.1`` -> ``"0.1"``).
+    Floats are taken at their shortest round-trip ``repr`` (``0.1`` -> ``"0.1"``). Every
+    digit is kept (no rounding to a context precision).
 
     Raises:
-        FormatError: not a finite number.
+        FormatError: not a finite number, or a decimal exponent beyond
+            :data:`MAX_DECIMAL_EXPONENT` either way.
     """
     if isinstance(value, bool):
         raise FormatError("a boolean is not a number")
@@ -117,13 +126,18 @@ def canonical_decimal(value: str | int | float | Decimal) -> str:
             dec = Decimal(repr(value))
         else:
             dec = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise FormatError(f"{value!r} is not a number") from None
+    except (InvalidOperation, ValueError):  # ValueError: an int too long for str()
+        raise FormatError(f"{str(value)[:40]!r} is not a number") from None
     if not dec.is_finite():
         raise FormatError(f"{value!r} is not a finite number")
     if dec == 0:
         return "0"
-    text = format(dec.normalize(), "f")
+    # bounded before formatting: "1e999999999" would otherwise expand to a gigabyte
+    if (abs(dec.adjusted()) > MAX_DECIMAL_EXPONENT
+            or len(dec.as_tuple().digits) > 2 * MAX_DECIMAL_EXPONENT):
+        raise FormatError(f"{str(value)[:40]!r} is out of range for a canonical decimal")
+    # format(..., "f") keeps every digit; normalize() would round to 28 significant digits
+    text = format(dec, "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text

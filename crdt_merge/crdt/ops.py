@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from crdt_merge import codec
 from crdt_merge.errors import (
     BadSignature,
+    FormatError,
     NotAuthorized,
     SchemaError,
     UnknownSite,
@@ -104,6 +105,11 @@ class Op:
         return None
 
 
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (msgpack keeps them apart; Python's ``True == 1``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _bad(msg: str) -> SchemaError:
     return SchemaError(f"invalid op: {msg}")
 
@@ -115,11 +121,14 @@ def _check_params(value: Any, where: str, depth: int = 0) -> None:
     if depth > 8:
         raise _bad(f"{where} nests too deep")
     if isinstance(value, str):
-        if codec.looks_numeric(value) and not codec.is_canonical_decimal(value):
-            raise _bad(f"{where}: {value!r} is not a canonical decimal "
-                       f"(write {codec.canonical_decimal(value)!r})")
         if len(value) > 4096:
             raise _bad(f"{where}: string too long")
+        if codec.looks_numeric(value) and not codec.is_canonical_decimal(value):
+            try:
+                hint = f" (write {codec.canonical_decimal(value)!r})"
+            except FormatError:
+                hint = ""
+            raise _bad(f"{where}: {value[:40]!r} is not a canonical decimal{hint}")
     elif isinstance(value, (bool, int)):
         pass
     elif isinstance(value, list):
@@ -155,7 +164,7 @@ def check_structure(body: Any) -> None:
     if not isinstance(body, dict):
         raise _bad("not a map")
     kind = body.get("kind")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:
         raise _bad(f"unknown kind {kind!r}")
     required, optional = _FIELDS[kind]
     keys = set(body)
@@ -163,12 +172,12 @@ def check_structure(body: Any) -> None:
         raise _bad(f"a {kind} op has fields {sorted(_COMMON | required)}"
                    + (f" and optionally {sorted(optional)}" if optional else "")
                    + f", got {sorted(keys)}")
-    if body["v"] != VERSION:
+    if not _is_int(body["v"]) or body["v"] != VERSION:
         raise _bad(f"unsupported version {body['v']!r}")
     if not isinstance(body["site"], str) or not _SITE.fullmatch(body["site"]):
         raise _bad("site must be 1-64 of [a-z0-9_.-], starting with a letter or digit")
     clock = body["clock"]
-    if not isinstance(clock, int) or isinstance(clock, bool) or not 0 <= clock < 2**63:
+    if not _is_int(clock) or not 0 <= clock < 2**63:
         raise _bad("clock must be a non-negative integer")
     if not isinstance(body["sig"], bytes) or len(body["sig"]) != 64:
         raise _bad("sig must be 64 bytes")
@@ -182,6 +191,7 @@ def check_structure(body: Any) -> None:
             raise _bad("nonce must be 16 bytes")
         profile = body["profile"]
         if (not isinstance(profile, dict) or set(profile) != {"name", "piece_size"}
+                or not isinstance(profile["name"], str) or not _is_int(profile["piece_size"])
                 or PROFILES.get(profile["name"]) != profile["piece_size"]):
             raise _bad(f"profile must be one of {PROFILES}")
         sites = body["sites"]

@@ -30,10 +30,10 @@ from crdt_merge.methods import TensorJob, get_method
 from crdt_merge.methods.params import resolve_param
 from crdt_merge.numeric import NUMERIC_VERSION, round_to
 from crdt_merge.resolve.plan import MergePlan
-from crdt_merge.resolve.tensors import TORCH_DTYPES, load_tensor
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.safetensors_io import iter_pieces
+from crdt_merge.store.tensors import TORCH_DTYPES, load_tensor
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
@@ -94,24 +94,22 @@ def run_job(job: Job) -> tuple[str, list[str]]:
     base = load_tensor(store, job.base, torch.float64) if job.base is not None else None
     if job.out_dtype not in ("F16", "BF16", "F32", "F64"):
         # integer buffers and the like are not merged: the base's (or first donor's) bytes
-        src = job.base if job.base is not None else job.donors[0]
-        out = load_tensor(store, src)
+        out = load_tensor(store, job.base if job.base is not None else job.donors[0])
     else:
         donors = []
         for rec, form in zip(job.donors, job.forms, strict=True):
             t = load_tensor(store, rec, torch.float64)
             donors.append(base + t if form == "delta" and base is not None else t)
-        layer = layer_index(job.name)
         method = get_method(wire["method"])
-        seed = wire["seed"] or job.plan_id
+        layer = layer_index(job.name)
         merged = method.merge(TensorJob(
-            name=job.name, base=base, donors=tuple(donors),
-            params=tuple({k: resolve_param(v, job.name, layer, job.num_layers)
-                          for k, v in c["params"].items()} for c in contributions),
-            options={k: (v if isinstance(v, (bool,)) or not isinstance(v, (str, list))
-                         or not _numeric_like(v) else resolve_param(v, job.name, layer, job.num_layers))
-                     for k, v in wire["params"].items()},
-            keys=tuple(_stream_key(seed, job.name, c["op_id"]) for c in contributions),
+            name=job.name, base=None if method.base == "ignored" else base,
+            donors=tuple(donors),
+            params=tuple(_resolved(c["params"], job.name, layer, job.num_layers)
+                         for c in contributions),
+            options=_resolved(wire["params"], job.name, layer, job.num_layers),
+            keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, c["op_id"])
+                       for c in contributions),
             layer_index=layer, num_layers=job.num_layers,
         ))
         out = round_to(merged, TORCH_DTYPES[job.out_dtype])
@@ -127,12 +125,16 @@ def run_job(job: Job) -> tuple[str, list[str]]:
     return job.name, [digest(p) for p in iter_pieces(memoryview(data), job.piece_size)]
 
 
-def _numeric_like(v: object) -> bool:
-    from crdt_merge.codec import looks_numeric
-
-    if isinstance(v, str):
-        return looks_numeric(v)
-    return isinstance(v, list)
+def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
+              num_layers: int) -> dict[str, Any]:
+    """Parameter values (scalars, layer gradients, filtered lists) evaluated for one
+    tensor; a filtered value with no matching entry is left out (the default applies)."""
+    out = {}
+    for key, value in params.items():
+        v = resolve_param(value, name, layer, num_layers)
+        if v is not None:
+            out[key] = v
+    return out
 
 
 def run_jobs(jobs: Sequence[Job], workers: int) -> dict[str, list[str]]:

@@ -27,8 +27,8 @@ from crdt_merge.hashing import PlanId, digest
 from crdt_merge.methods import get_method
 from crdt_merge.numeric import NUMERIC_VERSION
 from crdt_merge.replica import Replica
-from crdt_merge.resolve.tensors import TORCH_DTYPES, load_tensor
 from crdt_merge.store.manifests import Manifest
+from crdt_merge.store.tensors import TORCH_DTYPES, load_tensor
 
 PLAN_VERSION = 1
 #: recipe parameters resolve itself consumes; the rest go to the method

@@ -125,7 +125,7 @@ def from_wire(value: object) -> Manifest:
     """
     if not isinstance(value, dict) or set(value) != {"v", "piece_size", "tensors", "files", "meta"}:
         raise _fail("expected exactly the fields v, piece_size, tensors, files, meta")
-    if value["v"] != FORMAT_VERSION:
+    if type(value["v"]) is not int or value["v"] != FORMAT_VERSION:  # not True: True == 1
         raise _fail(f"unsupported version {value['v']!r}")
     piece_size = value["piece_size"]
     if not isinstance(piece_size, int) or isinstance(piece_size, bool) or not 1 <= piece_size <= 2**31:
@@ -138,7 +138,7 @@ def from_wire(value: object) -> Manifest:
             raise _fail(f"tensor name {name[:40]!r} is empty or too long")
         if not isinstance(rec, dict) or set(rec) != {"dtype", "shape", "pieces"}:
             raise _fail(f"tensor {name}: expected fields dtype, shape, pieces")
-        if rec["dtype"] not in DTYPE_SIZES:
+        if not isinstance(rec["dtype"], str) or rec["dtype"] not in DTYPE_SIZES:
             raise _fail(f"tensor {name}: unknown dtype {rec['dtype']!r}")
         shape = rec["shape"]
         if not isinstance(shape, list) or len(shape) > 8 or not all(
