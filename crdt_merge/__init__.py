@@ -5,7 +5,12 @@ Sites hold replicas of a merge project: a grow-only set of signed, content-addre
 any order and topology; each resolves the same checkpoint, byte for byte.
 """
 
-from crdt_merge import numeric as _numeric  # noqa: F401  (sets MKL_CBWR before torch loads)
+import os as _os
+
+# MKL must see this before torch loads it: conditional numerical reproducibility, so BLAS
+# gives the same bits on every CPU (DESIGN section 4). Set here, before anything imports
+# torch; torch itself is imported only by the modules that compute.
+_os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 __version__ = "0.1.0"
 ENGINE = f"crdt-merge/{__version__}"

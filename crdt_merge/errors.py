@@ -14,7 +14,8 @@ The tree::
     │   ├── PieceMissing (LookupError)  an object this replica does not hold
     │   ├── PieceCorrupt                a stored object that fails its hash (quarantined)
     │   ├── NotAReplica (FileNotFoundError)
-    │   └── ReplicaExists (FileExistsError)
+    │   ├── ReplicaExists (FileExistsError)
+    │   └── OutputExists (FileExistsError)   resolve --out names a folder that is not a checkpoint
     ├── OpError
     │   ├── WrongProject                an op or peer of another genesis
     │   ├── UnknownSite                 an op whose membership reference is not held
@@ -24,7 +25,9 @@ The tree::
     ├── RecipeError (ValueError)
     │   ├── UnknownMethod
     │   └── BadParameter
-    ├── ImportError_ (ValueError)       a model file that cannot be read
+    ├── ModelImportError (ValueError)   a model file that cannot be read
+    │   └── UnknownFamily               no supported architecture family matches
+    │                                   (defined in crdt_merge.families.detect)
     ├── PlanError                       resolve cannot build a plan (no recipe, no anchor...)
     │   └── ShapeMismatch (ValueError)
     └── SyncError
@@ -139,6 +142,15 @@ class ReplicaExists(StoreError, FileExistsError):
 
     def __init__(self, path: str) -> None:
         super().__init__(f"{path} already holds a replica; choose an empty directory")
+        self.path = path
+
+
+class OutputExists(StoreError, FileExistsError):
+    code = "output_exists"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} exists and is not a checkpoint folder written by resolve; "
+                         "choose a new or empty folder")
         self.path = path
 
 

@@ -12,12 +12,7 @@ they may fuse multiply-add or reorder.
 
 from __future__ import annotations
 
-import os
-
-# MKL must see this before it loads; crdt_merge/__init__ imports this module first.
-os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-
-import torch  # noqa: E402
+import torch  # crdt_merge/__init__ has set MKL_CBWR before this import
 
 NUMERIC_VERSION = "1"
 

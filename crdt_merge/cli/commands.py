@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from crdt_merge import codec
-from crdt_merge.errors import BadParameter, ModelImportError, OpMissing, PlanError
+from crdt_merge.errors import (
+    BadParameter,
+    CrdtMergeError,
+    ModelImportError,
+    OpMissing,
+    PlanError,
+)
 from crdt_merge.hashing import is_id
 from crdt_merge.replica import Replica
 from crdt_merge.store.importer import Imported, import_model
@@ -191,8 +197,7 @@ def cmd_recipe(args: Any) -> tuple[int, Any]:
         raise BadParameter(f"dtype {params['dtype']!r}: use one of {sorted(OUT_DTYPES)}")
     with Replica.open(args.dir) as r:
         r.membership()
-        live = [c["params"] for c in r.status()["contributions"] if c["live"]]
-        method.validate({k: v for k, v in params.items() if k not in RESOLVE_PARAMS}, live)
+        method.validate_recipe({k: v for k, v in params.items() if k not in RESOLVE_PARAMS})
         anchor = _anchor(r, args.anchor) if args.anchor else None
         op = r.set_recipe(method.name, params, anchor=anchor)
         return 0, {"op_id": op.id, "method": method.name, "params": params, "anchor": anchor,
@@ -316,6 +321,22 @@ def cmd_gc(args: Any) -> tuple[int, Any]:
         return 0, report
 
 
+def cmd_serve(args: Any) -> tuple[int, Any]:
+    try:  # the server and its dependencies load only for this command
+        from server.main import serve
+        from server.settings import Settings
+    except ImportError as exc:
+        raise CrdtMergeError(f"serving needs the server extra: pip install "
+                             f"'crdt-model-merge[server]' ({exc})") from None
+    settings = Settings.from_env(host=args.host, port=args.port, token_file=args.token_file,
+                                 peers=tuple(args.peer) or None,
+                                 peer_token_file=args.peer_token_file,
+                                 sync_interval=args.sync_interval)
+    serve(args.dir, settings)
+    return 0, {"text": "crdt-merge: server stopped"}
+
+
 def cmd_families(args: Any) -> tuple[int, Any]:
     from crdt_merge.families import cli as families_cli
-    return families_cli.run(args)
+    code, payload = families_cli.run_families_cli(args)
+    return code, {**payload, "text": families_cli.render(payload)}

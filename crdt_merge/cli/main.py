@@ -92,6 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("gc", "delete objects only retracted contributions reference")
     c.add_argument("dir")
 
+    c = cmd("serve", "serve a replica over HTTP (needs the server extra)")
+    c.add_argument("dir")
+    c.add_argument("--host", help="address to listen on (default 127.0.0.1; another address "
+                                  "needs --token-file)")
+    c.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
+    c.add_argument("--token-file", help="accepted tokens, one `SITE SCOPES TOKEN` a line")
+    c.add_argument("--peer", action="append", default=[], metavar="URL",
+                   help="a server to pull from periodically (anti-entropy); repeatable")
+    c.add_argument("--peer-token-file", help="a file holding this site's token for its peers")
+    c.add_argument("--sync-interval", type=float, help="seconds between pulls (default 30)")
+
     c = cmd("families", "model families and their canonical namespace")
     fam = c.add_subparsers(dest="families_command", required=True)
     fl = fam.add_parser("list", help="supported families")

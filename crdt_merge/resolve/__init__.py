@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crdt_merge.errors import PlanError
+from crdt_merge.errors import OutputExists, PlanError
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import output
 from crdt_merge.resolve.execute import (
     config_num_layers,
-    default_workers,
     numeric_profile,
     output_specs,
     plan_jobs,
@@ -55,6 +54,9 @@ def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
             max_shard_size: int = output.DEFAULT_SHARD_SIZE) -> Resolved:
     """Compute ``the_plan`` from the replica's store into the folder ``out`` (replaced)."""
     out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir())
+                                             and not (out / MANIFEST_FILE).is_file())):
+        raise OutputExists(str(out))  # never replace a folder resolve did not write
     store = replica.store
     ids = ([the_plan.base] if the_plan.base else []) + [c.manifest for c in the_plan.contributions]
     manifests = {m: replica.get_manifest(m) for m in ids}
@@ -75,13 +77,13 @@ def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
     where = output.prepare_files(tmp, specs, max_shard_size)
     jobs = plan_jobs(the_plan, store, manifests, where, replica.piece_size,
                      config_num_layers(config, [s[0] for s in specs]))
-    pieces = run_jobs(jobs, workers if workers is not None else default_workers())
+    pieces = run_jobs(jobs, workers)
 
     tensors = {name: TensorRecord(dtype, shape, tuple(pieces[name])) for name, dtype, shape in specs}
     file_records = {name: FileRecord(len(data), tuple(digest(p) for p in iter_pieces(
         memoryview(data), replica.piece_size))) for name, data in files.items()}
     manifest = Manifest(replica.piece_size, dict(sorted(tensors.items())), file_records,
-                        {"plan": the_plan.id})
+                        {})  # content only: equal bytes, equal id, whatever the plan
     checkpoint_id = manifest.id
     for name, data in files.items():
         (tmp / name).write_bytes(data)

@@ -137,8 +137,17 @@ def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
     return out
 
 
-def run_jobs(jobs: Sequence[Job], workers: int) -> dict[str, list[str]]:
-    """Run jobs, biggest first, on ``workers`` processes (1: in this process)."""
+#: below this many output elements in all, starting worker processes costs more than it saves
+IN_PROCESS_BELOW = 4 * 1024 * 1024
+
+
+def run_jobs(jobs: Sequence[Job], workers: int | None = None) -> dict[str, list[str]]:
+    """Run jobs, biggest first, on ``workers`` processes (one: in this process). By default,
+    one worker per core, or this process alone for a small model. Where a job runs never
+    changes its bytes."""
+    if workers is None:
+        small = sum(_numel(j.shape) for j in jobs) < IN_PROCESS_BELOW
+        workers = 1 if small else default_workers()
     order = sorted(jobs, key=lambda j: -_numel(j.shape))
     if workers <= 1 or len(jobs) <= 1:
         threads = torch.get_num_threads()

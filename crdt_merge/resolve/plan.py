@@ -24,7 +24,7 @@ from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import BadParameter, PlanError
 from crdt_merge.hashing import PlanId, digest
-from crdt_merge.methods import get_method
+from crdt_merge.methods import Method, get_method
 from crdt_merge.numeric import NUMERIC_VERSION
 from crdt_merge.replica import Replica
 from crdt_merge.store.manifests import Manifest
@@ -134,6 +134,20 @@ def _shape_problem(donor: Manifest, reference: Manifest) -> str | None:
     return None
 
 
+def _param_problem(method: Method, recipe_params: Mapping[str, Any],
+                   params: Mapping[str, Any]) -> str | None:
+    """Why one contribution's own parameters are unusable with the recipe, or None.
+
+    A contribution with bad parameters is excluded (a recorded decision) rather than
+    failing the whole plan: one site's mistake must not stop every replica's merge.
+    Errors in the recipe itself still fail the plan."""
+    try:
+        method.validate(recipe_params, [params] * max(1, method.min_donors))
+    except BadParameter as exc:
+        return exc.detail
+    return None
+
+
 def plan(replica: Replica) -> MergePlan:
     """Decide the merge for the replica's current op set (see the module docstring).
 
@@ -164,6 +178,7 @@ def plan(replica: Replica) -> MergePlan:
     seed = all_params.get("seed")
     method_params = {k: v for k, v in all_params.items() if k not in RESOLVE_PARAMS}
     method = get_method(recipe.body["method"])
+    method.validate_recipe(method_params)
 
     live = opset.live_contributions(ops)
     contributions = [
@@ -199,6 +214,11 @@ def plan(replica: Replica) -> MergePlan:
                                   "detail": f"tensor {bad} holds NaN or inf "
                                             "(set allow_nonfinite=true to keep it)"})
                 continue
+        problem = _param_problem(method, method_params, c.params)
+        if problem:
+            decisions.append({"decision": "excluded", "op_id": c.op_id,
+                              "detail": f"bad parameters: {problem}"})
+            continue
         kept.append(c)
     if not kept:
         raise PlanError("no live contribution to merge (all retracted or excluded)")

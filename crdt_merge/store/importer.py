@@ -59,7 +59,9 @@ def resolve_source(source: str) -> Path:
         raise ModelImportError(f"{source}: install crdt-model-merge[hub] to import by repo id") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        folder = snapshot_download(repo, revision=revision or None, local_files_only=offline)
+        # the environment is read now, not when huggingface_hub was imported
+        folder = snapshot_download(repo, revision=revision or None, local_files_only=offline,
+                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
         raise ModelImportError(f"{source}: not in the local Hugging Face cache and not "
                                f"downloadable here ({type(exc).__name__})") from None

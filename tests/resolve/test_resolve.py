@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from crdt_merge.errors import BadParameter, PlanError, UnknownMethod
+from crdt_merge.errors import BadParameter, OutputExists, PlanError, UnknownMethod
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import plan, resolve, resolve_recorded
 from crdt_merge.store.importer import import_model
@@ -126,8 +126,8 @@ def test_same_bytes_across_processes_threads_and_cpu_kernels(replicas, models, t
 
 def test_unrelated_ops_keep_the_checkpoint_and_retract_restores_it(replicas, models, tmp_path: Path) -> None:
     a, b, c = replicas
-    contribute(a, models["ft0"], base=models["base"])
-    contribute(b, models["ft1"], base=models["base"])
+    contribute(a, models["ft0"], base=models["base"], weight="1")
+    contribute(b, models["ft1"], base=models["base"], weight="1")
     a.set_recipe("task_arithmetic", {"lambda": "1"}, anchor=anchor(a, models["base"]))
     sync_all(a, b, c)
     before = resolve(a, tmp_path / "before", workers=1)
@@ -141,7 +141,7 @@ def test_unrelated_ops_keep_the_checkpoint_and_retract_restores_it(replicas, mod
     assert same.plan_id == before.plan_id and same.checkpoint_id == before.checkpoint_id
     assert any(d["decision"] == "retract_ignored" for d in plan(b).decisions)
 
-    extra = contribute(c, models["ft2"], base=models["base"])
+    extra = contribute(c, models["ft2"], base=models["base"], weight="1")
     sync_all(a, b, c)
     with_extra = resolve(a, tmp_path / "extra", workers=1)
     assert with_extra.checkpoint_id != before.checkpoint_id
@@ -153,35 +153,41 @@ def test_unrelated_ops_keep_the_checkpoint_and_retract_restores_it(replicas, mod
 
 def test_retract_arriving_before_its_target(replicas, models, tmp_path: Path) -> None:
     a, b, _ = replicas
-    contribute(a, models["ft0"], base=models["base"])
+    contribute(a, models["ft0"], base=models["base"], weight="1")
     a.set_recipe("task_arithmetic", {"lambda": "1"}, anchor=anchor(a, models["base"]))
     sync_all(a, b)
-    only_a = resolve(a, tmp_path / "a", workers=1).checkpoint_id
-    op = contribute(b, models["ft1"], base=models["base"])
+    only_a = resolve(a, tmp_path / "out-a", workers=1).checkpoint_id
+    op = contribute(b, models["ft1"], base=models["base"], weight="1")
     retract = b.retract([op.id])
     # a receives the retract alone first, then the contribution
     a.apply(b.get_op(retract.id).data)
     a.apply(b.get_op(op.id).data)  # accepted without its objects: its site retracted it
     assert a.state_root() == b.state_root()
-    assert resolve(a, tmp_path / "a2", workers=1).checkpoint_id == only_a
-    assert resolve(b, tmp_path / "b2", workers=1).checkpoint_id == only_a
+    assert resolve(a, tmp_path / "out-a2", workers=1).checkpoint_id == only_a
+    assert resolve(b, tmp_path / "out-b2", workers=1).checkpoint_id == only_a
+    # resolve never replaces a folder it did not write (here: a replica)
+    with pytest.raises(OutputExists):
+        resolve(a, b.path, workers=1)
+    assert b.state_root() == a.state_root()
 
 
 def test_plan_excludes_nan_and_shape_mismatch_donors(replicas, models, tmp_path: Path) -> None:
     a, _, _ = replicas
-    good = contribute(a, models["ft0"], base=models["base"])
+    good = contribute(a, models["ft0"], base=models["base"], weight="1")
     nan_t = tensors(30)
     nan_t["model.norm.weight"][3] = float("nan")
-    nan_op = contribute(a, write_model(tmp_path / "nan", nan_t), base=models["base"])
+    nan_op = contribute(a, write_model(tmp_path / "nan", nan_t), base=models["base"], weight="1")
     wide = tensors(31)
     wide["model.norm.weight"] = torch.zeros(17)
     donor = import_model(a.store, str(write_model(tmp_path / "wide", wide)), a.piece_size)
-    wide_op = a.contribute(donor.manifest_id, label="wide")
+    wide_op = a.contribute(donor.manifest_id, label="wide", params={"weight": "1"})
+    unweighted = contribute(a, models["ft1"], base=models["base"])
     a.set_recipe("task_arithmetic", {}, anchor=anchor(a, models["base"]))
     p = plan(a)
     assert [c.op_id for c in p.contributions] == [good.id]
     excluded = {d["op_id"]: d["detail"] for d in p.decisions if d["decision"] == "excluded"}
     assert "NaN" in excluded[nan_op.id] and "shape" in excluded[wide_op.id]
+    assert "'weight' is required" in excluded[unweighted.id]
     a.set_recipe("task_arithmetic", {"allow_nonfinite": True}, anchor=anchor(a, models["base"]))
     assert nan_op.id in [c.op_id for c in plan(a).contributions]
 
@@ -190,7 +196,7 @@ def test_bad_recipes_and_missing_base(replicas, models) -> None:
     a, _, _ = replicas
     with pytest.raises(PlanError, match="no recipe"):
         plan(a)
-    contribute(a, models["ft0"])
+    contribute(a, models["ft0"], weight="1")
     a.set_recipe("no_such_method", {})
     with pytest.raises(UnknownMethod):
         plan(a)
@@ -199,6 +205,9 @@ def test_bad_recipes_and_missing_base(replicas, models) -> None:
         plan(a)
     a.set_recipe("linear", {"dtype": "float8"})
     with pytest.raises(BadParameter):
+        plan(a)
+    a.set_recipe("linear", {"normalize": "sometimes"})
+    with pytest.raises(BadParameter, match="normalize"):
         plan(a)
 
 
