@@ -36,6 +36,7 @@ from crdt_merge.errors import (
     NotAReplica,
     OpMissing,
     PieceCorrupt,
+    PieceMissing,
     SchemaError,
     UnknownSite,
     WrongProject,
@@ -371,7 +372,12 @@ class Replica:
         }
 
     def gc(self) -> dict[str, int]:
-        """Delete objects referenced only by contributions their own site retracted."""
+        """Delete objects referenced only by contributions their own site retracted.
+
+        When a committed op that is not retracted lacks one of its manifests (quarantined,
+        waiting to be fetched again), its pieces are unknown, so nothing is deleted: gc
+        would otherwise delete pieces that op still needs and no sync would bring back.
+        """
         ops = list(self.ops().values())
         retracts = opset.retracts_by_target(ops)
         keep: set[str] = set()
@@ -382,19 +388,22 @@ class Replica:
             if op.kind == "contribute" and op.id in self.ops() and opset.is_retracted(op, retracts):
                 dead |= objects
             else:
-                keep |= objects
+                if op.id in self.ops() and len(refs) < len(op.objects()):
+                    return {"deleted": 0}
+                keep |= objects | set(op.objects())
         doomed = sorted(dead - keep)
         self.store.delete_objects(doomed)
         return {"deleted": len(doomed)}
 
     def fsck(self) -> dict[str, Any]:
         """Verify every held object and op; quarantine what fails. ``ok`` is False when
-        anything was corrupt or an op lacks its objects."""
+        anything was corrupt or an op lacks its objects. ``corrupt`` lists the indexed
+        objects whose file failed its hash or was gone; each is wanted again from a peer."""
         corrupt = []
         for object_id in self.store.object_ids():
             try:
                 self.store.get(object_id)
-            except PieceCorrupt:
+            except (PieceCorrupt, PieceMissing):
                 corrupt.append(object_id)
         bad_ops = [op_id for op_id, data in self.store.op_rows()
                    if opmod.decode(data).id != op_id]

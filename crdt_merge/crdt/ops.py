@@ -1,6 +1,6 @@
 """Ops: the immutable, signed, content-addressed changes a merge project is made of.
 
-Every op is a canonical msgpack map (specs/ops.md). Fields common to all kinds::
+Every op is a canonical msgpack map (specs/formats.md section 6). Fields common to all kinds::
 
     v        1
     kind     "genesis" | "admit" | "contribute" | "retract" | "recipe"

@@ -9,6 +9,9 @@ target only when the same site made both (both ops are signed, so this is decida
 their bytes on every replica); a retract of another site's op is held but has no effect.
 A retract that arrives before its target still removes it when the target arrives.
 
+Every function here takes any iterable of ops and treats it as a set: an op that appears
+twice counts once.
+
 Recipe rule: the winner is the greatest ``(clock, op id)`` among recipes no held recipe
 supersedes. When more than one recipe is unsuperseded, the others are reported as a
 conflict (a person should supersede them), never hidden.
@@ -23,6 +26,11 @@ from crdt_merge.crdt.ops import Op
 from crdt_merge.hashing import StateRoot, state_root
 
 
+def as_set(ops: Iterable[Op]) -> list[Op]:
+    """The distinct ops of ``ops`` (an op that arrived twice counts once)."""
+    return list({op.id: op for op in ops}.values())
+
+
 @dataclass(frozen=True)
 class RecipeState:
     winner: Op | None
@@ -31,7 +39,7 @@ class RecipeState:
 
 
 def recipe_state(ops: Iterable[Op]) -> RecipeState:
-    recipes = [op for op in ops if op.kind == "recipe"]
+    recipes = [op for op in as_set(ops) if op.kind == "recipe"]
     superseded = {s for op in recipes for s in op.body["supersedes"]}
     heads = sorted((op for op in recipes if op.id not in superseded),
                    key=lambda op: (op.clock, op.id), reverse=True)
@@ -43,7 +51,7 @@ def recipe_state(ops: Iterable[Op]) -> RecipeState:
 def retracts_by_target(ops: Iterable[Op]) -> dict[str, list[Op]]:
     """Target op id -> the retract ops naming it (whatever their site)."""
     out: dict[str, list[Op]] = {}
-    for op in ops:
+    for op in sorted(as_set(ops), key=lambda op: op.id):
         if op.kind == "retract":
             for target in op.body["targets"]:
                 out.setdefault(target, []).append(op)
@@ -57,7 +65,7 @@ def is_retracted(contribution: Op, retracts: Mapping[str, list[Op]]) -> bool:
 
 def live_contributions(ops: Iterable[Op]) -> list[Op]:
     """Contribute ops not retracted by their own site, in canonical order (by op id)."""
-    ops = list(ops)
+    ops = as_set(ops)
     retracts = retracts_by_target(ops)
     return sorted((op for op in ops if op.kind == "contribute" and not is_retracted(op, retracts)),
                   key=lambda op: op.id)
@@ -65,7 +73,7 @@ def live_contributions(ops: Iterable[Op]) -> list[Op]:
 
 def ignored_retracts(ops: Iterable[Op]) -> list[tuple[Op, str]]:
     """(retract, target id) pairs that have no effect because another site made the target."""
-    ops = list(ops)
+    ops = as_set(ops)
     by_id = {op.id: op for op in ops}
     out = []
     for op in ops:
@@ -89,7 +97,7 @@ def root(ops: Iterable[Op]) -> StateRoot:
 def commit_order(ops: Iterable[Op]) -> list[Op]:
     """Order ops so that a membership op comes before the ops that rely on it (admits by
     depth of their admission chain, then everything else), ties by op id."""
-    ops = list(ops)
+    ops = as_set(ops)
     by_id = {op.id: op for op in ops}
     depth: dict[str, int] = {}
 

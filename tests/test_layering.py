@@ -1,0 +1,138 @@
+"""The layering of DESIGN.md section 10, checked by walking every import statement in the
+package (module level and inside functions alike), so a lazy import cannot hide a cycle:
+
+    errors, hashing, codec  ->  store, crdt  ->  methods  ->  families  ->  resolve  ->  sync  ->  cli
+
+``server/`` sits beside the package and uses its public API; ``crdt_merge`` never imports it,
+nor fastapi.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "crdt_merge"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports: dotted names, relative imports resolved, and
+    ``from pkg import name`` counted as ``pkg.name`` when that is a module of ours."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                out.add(sub if is_module(sub) else source)
+    return out
+
+
+MODULES = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def ours(imported: set[str]) -> set[str]:
+    return {m for m in imported if m == "crdt_merge" or m.startswith("crdt_merge.")}
+
+
+def within(module: str, *layers: str) -> bool:
+    return any(module == f"crdt_merge.{layer}" or module.startswith(f"crdt_merge.{layer}.")
+               for layer in layers)
+
+
+def in_layer(*layers: str) -> list[str]:
+    return sorted(m for m in MODULES if within(m, *layers))
+
+
+def test_the_walk_sees_the_package():
+    assert {"crdt_merge.codec", "crdt_merge.store.local", "crdt_merge.crdt.ops"} <= set(MODULES)
+    assert "crdt_merge.errors" in MODULES["crdt_merge.codec"]
+    assert "crdt_merge.codec" in MODULES["crdt_merge.crdt.ops"]  # from crdt_merge import codec
+
+
+@pytest.mark.parametrize("module", ["crdt_merge.errors", "crdt_merge.hashing", "crdt_merge.codec"])
+def test_the_base_imports_nothing_of_ours_but_the_base(module):
+    allowed = {"crdt_merge.errors", "crdt_merge.hashing", "crdt_merge.codec"}
+    order = ["crdt_merge.errors", "crdt_merge.hashing", "crdt_merge.codec"]
+    below = set(order[: order.index(module)])  # errors <- hashing <- codec, never upward
+    assert ours(MODULES[module]) <= below & allowed, module
+
+
+@pytest.mark.parametrize("module", in_layer("store", "crdt"))
+def test_store_and_crdt_import_only_the_base(module):
+    own = module.split(".")[1]
+    allowed = {"crdt_merge.errors", "crdt_merge.hashing", "crdt_merge.codec"}
+    bad = {m for m in ours(MODULES[module]) if m not in allowed and not within(m, own)}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", in_layer("methods"))
+def test_methods_never_import_the_store_crdt_or_anything_above(module):
+    bad = {m for m in ours(MODULES[module])
+           if within(m, "store", "crdt", "resolve", "sync", "cli", "replica", "families")}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", in_layer("families"))
+def test_families_never_import_the_store_crdt_or_anything_above(module):
+    bad = {m for m in ours(MODULES[module])
+           if within(m, "store", "crdt", "resolve", "sync", "cli", "replica")}
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+#: the order of DESIGN.md section 10; a layer imports no layer ranked after it (store and
+#: crdt share a rank but do not import each other, see above). ``crdt_merge`` is the package
+#: itself (``from crdt_merge import ENGINE``); ``replica`` is the public API over store + crdt.
+RANKS = {"errors": 0, "hashing": 1, "codec": 2, "numeric": 2, "": 2, "store": 3, "crdt": 3,
+         "methods": 4, "families": 5, "replica": 6, "resolve": 7, "sync": 8, "cli": 9,
+         "demo": 10, "__main__": 10}
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if layer(m) in RANKS))
+def test_no_module_imports_a_layer_above_its_own(module):
+    rank = RANKS[layer(module)]
+    above = {m for m in ours(MODULES[module])
+             if layer(m) != layer(module) and RANKS.get(layer(m), 99) > rank}
+    assert not above, f"{module} imports {sorted(above)} (layer order: {RANKS})"
+
+
+#: known violations, each reported to the lead; strict, so fixing one turns its entry red
+KNOWN_SERVER_IMPORTS = {
+    "crdt_merge.cli.commands": "`crdt-merge serve` imports server.main/server.settings lazily",
+}
+
+
+@pytest.mark.parametrize("module", [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SERVER_IMPORTS[m]))
+    if m in KNOWN_SERVER_IMPORTS else m for m in sorted(MODULES)])
+def test_the_package_never_imports_the_server_or_fastapi(module):
+    bad = {m for m in MODULES[module]
+           if m.split(".")[0] in ("server", "fastapi", "uvicorn", "starlette")}
+    assert not bad, f"{module} imports {sorted(bad)}"
