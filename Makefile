@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
-test: $(STAMP)
+# mergekit in its own environment: the oracle of the parity tests (never imported by us)
+mergekit-env:
+	bash tests/oracle/setup_mergekit.sh
+
+test: $(STAMP) mergekit-env
 	$(PY) -m ruff check crdt_merge server tests
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -111,6 +111,11 @@ def apply_mergekit_yaml(replica: Replica, path: str,
     base_ref = config.get("base_model")
     if isinstance(base_ref, Mapping):
         base_ref = _model_ref({"model": base_ref}, "base_model")
+    if base_ref and method.base == "ignored":
+        listed = [_model_ref(e, f"models[{i}]") for i, e in enumerate(config["models"])]
+        if base_ref not in listed:
+            raise Unsupported(f"{path}: with {method.name}, mergekit takes `base_model:` as one "
+                              "more input; list it under `models:` with its parameters instead")
     base = import_fn(replica, base_ref) if base_ref else None
     if method.needs_base and base is None:
         raise BadParameter(f"{method.name} needs `base_model:`")

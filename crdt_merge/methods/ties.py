@@ -1,0 +1,43 @@
+"""TIES-merging: trim each task vector to its largest entries, elect signs, average.
+
+Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
+https://arxiv.org/abs/2306.01708.
+
+Each delta keeps its ``max(1, int(density * n))`` largest magnitudes (ties at the threshold:
+lower flat index wins), then the generalized task-arithmetic merge with sign consensus
+(:mod:`.task_arithmetic`). Defaults as mergekit: ``normalize: true``, ``rescale: false``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from crdt_merge.methods import sparsify
+from crdt_merge.methods.base import Bound, Method, TensorJob, register
+from crdt_merge.methods.select import Magnitudes
+from crdt_merge.methods.sparsify import Keep
+from crdt_merge.methods.task_arithmetic import gta_params, merge_task_vectors
+
+
+def magnitude_sparsifier(
+    i: int, mags: Magnitudes, delta_of: object, job: TensorJob, bound: Bound
+) -> Keep | None:
+    """Keep donor ``i``'s ``density`` share of largest magnitudes."""
+    n = job.donors[i].numel()
+    return sparsify.magnitude(mags, n, float(bound.per_donor[i]["density"]))
+
+
+def _ties(job: TensorJob, bound: Bound) -> torch.Tensor:
+    return merge_task_vectors(job, bound, magnitude_sparsifier, consensus=True)
+
+
+TIES = register(
+    Method(
+        name="ties",
+        paper="https://arxiv.org/abs/2306.01708",
+        base="required",
+        params=gta_params(normalize=True, rescale=False),
+        kernel=_ties,
+        min_donors=0,
+    )
+)
