@@ -16,8 +16,8 @@ import json
 import multiprocessing
 import os
 import re
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,28 +91,39 @@ def run_job(job: Job) -> tuple[str, list[str]]:
     store = _store(job.store)
     wire = job.plan_wire
     contributions = wire["contributions"]
-    base = load_tensor(store, job.base, torch.float64) if job.base is not None else None
     if job.out_dtype not in ("F16", "BF16", "F32", "F64"):
         # integer buffers and the like are not merged: the base's (or first donor's) bytes
         out = load_tensor(store, job.base if job.base is not None else job.donors[0])
     else:
-        donors = []
-        for rec, form in zip(job.donors, job.forms, strict=True):
-            t = load_tensor(store, rec, torch.float64)
-            donors.append(base + t if form == "delta" and base is not None else t)
         method = get_method(wire["method"])
         layer = layer_index(job.name)
-        merged = method.merge(TensorJob(
-            name=job.name, base=None if method.base == "ignored" else base,
-            donors=tuple(donors),
-            params=tuple(_resolved(c["params"], job.name, layer, job.num_layers)
-                         for c in contributions),
-            options=_resolved(wire["params"], job.name, layer, job.num_layers),
-            keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, c["op_id"])
-                       for c in contributions),
-            layer_index=layer, num_layers=job.num_layers,
-        ))
-        out = round_to(merged, TORCH_DTYPES[job.out_dtype])
+        params = tuple(_resolved(c["params"], job.name, layer, job.num_layers)
+                       for c in contributions)
+        options = _resolved(wire["params"], job.name, layer, job.num_layers)
+        # inputs stay in their stored dtype; float64 copies are made a block at a time
+        # where the method is elementwise, else for the whole tensor
+        base_raw = load_tensor(store, job.base) if job.base is not None else None
+        donors_raw = [load_tensor(store, rec) for rec in job.donors]
+        n = _numel(job.shape)
+        step = BLOCK if _elementwise(wire["method"], params, options) else max(n, 1)
+        out = torch.empty(job.shape, dtype=TORCH_DTYPES[job.out_dtype]).reshape(-1)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            base = base_raw.reshape(-1)[s:e].to(torch.float64) if base_raw is not None else None
+            donors = []
+            for raw, form in zip(donors_raw, job.forms, strict=True):
+                t = raw.reshape(-1)[s:e].to(torch.float64)
+                donors.append(base + t if form == "delta" and base is not None else t)
+            shape = job.shape if step >= n else (e - s,)
+            merged = method.merge(TensorJob(
+                name=job.name, base=None if method.base == "ignored" else _shaped(base, shape),
+                donors=tuple(d.reshape(shape) for d in donors), params=params, options=options,
+                keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, c["op_id"])
+                           for c in contributions),
+                layer_index=layer, num_layers=job.num_layers,
+            ))
+            out[s:e] = round_to(merged, out.dtype).reshape(-1)
+        out = out.reshape(job.shape)
     data = out.contiguous().view(torch.uint8).numpy().tobytes() if out.numel() else b""
     fd = os.open(job.path, os.O_WRONLY)
     try:
@@ -123,6 +134,27 @@ def run_job(job: Job) -> tuple[str, list[str]]:
     finally:
         os.close(fd)
     return job.name, [digest(p) for p in iter_pieces(memoryview(data), job.piece_size)]
+
+
+#: elements per block for elementwise methods (32 MiB of float64 per input)
+BLOCK = 1 << 22
+
+
+def _shaped(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    return None if t is None else t.reshape(shape)
+
+
+def _elementwise(method: str, params: Sequence[Mapping[str, Any]],
+                 options: Mapping[str, Any]) -> bool:
+    """Whether output element i depends on input elements i only, so the tensor may be
+    merged block by block with the same bytes: linear always; task arithmetic when
+    nothing is sparsified (a density below 1 ranks magnitudes over the whole tensor)."""
+    if method == "linear":
+        return True
+    if method == "task_arithmetic":
+        densities = [p.get("density", options.get("density", 1.0)) for p in params]
+        return all(isinstance(d, (int, float)) and float(d) >= 1.0 for d in densities)
+    return False
 
 
 def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
@@ -141,10 +173,13 @@ def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
 IN_PROCESS_BELOW = 4 * 1024 * 1024
 
 
-def run_jobs(jobs: Sequence[Job], workers: int | None = None) -> dict[str, list[str]]:
+def run_jobs(jobs: Sequence[Any], workers: int | None = None,
+             runner: Callable[[Any], tuple[str, list[str]]] | None = None) -> dict[str, list[str]]:
     """Run jobs, biggest first, on ``workers`` processes (one: in this process). By default,
     one worker per core, or this process alone for a small model. Where a job runs never
-    changes its bytes."""
+    changes its bytes. ``runner`` (default :func:`run_job`) is a module-level function of
+    one job, such as the cross-family method's."""
+    runner = runner or run_job
     if workers is None:
         small = sum(_numel(j.shape) for j in jobs) < IN_PROCESS_BELOW
         workers = 1 if small else default_workers()
@@ -152,12 +187,29 @@ def run_jobs(jobs: Sequence[Job], workers: int | None = None) -> dict[str, list[
     if workers <= 1 or len(jobs) <= 1:
         threads = torch.get_num_threads()
         try:
-            return dict(run_job(j) for j in order)
+            return dict(runner(j) for j in order)
         finally:
             torch.set_num_threads(threads)
+    # The two biggest tensors (embeddings, lm_head) should not be in memory at once: a job
+    # starts only while the jobs running plus it stay within the biggest job's size
+    # (times 1.25, so small jobs still fill the other workers).
+    budget = 1.25 * _numel(order[0].shape)
     ctx = multiprocessing.get_context("spawn")
+    results: dict[str, list[str]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        return dict(pool.map(run_job, order))
+        running: dict[Any, int] = {}
+        queue = list(order)
+        while queue or running:
+            while queue and len(running) < workers and (
+                    not running or sum(running.values()) + _numel(queue[0].shape) <= budget):
+                job = queue.pop(0)
+                running[pool.submit(runner, job)] = _numel(job.shape)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                name, pieces = future.result()
+                results[name] = pieces
+    return results
 
 
 def _numel(shape: Sequence[int]) -> int:

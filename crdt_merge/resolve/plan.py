@@ -17,18 +17,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from crdt_merge import codec
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import BadParameter, PlanError
 from crdt_merge.hashing import PlanId, digest
 from crdt_merge.methods import Method, get_method
+from crdt_merge.methods import cross_family_params as _cross_family  # registers "cross_family"
 from crdt_merge.numeric import NUMERIC_VERSION
 from crdt_merge.replica import Replica
+from crdt_merge.store.finite import first_nonfinite
 from crdt_merge.store.manifests import Manifest
-from crdt_merge.store.tensors import TORCH_DTYPES, load_tensor
 
 PLAN_VERSION = 1
 #: recipe parameters resolve itself consumes; the rest go to the method
@@ -66,6 +65,8 @@ class MergePlan:
     decisions: tuple[Mapping[str, Any], ...]
     recipe_op: str
     state_root: str = field(default="", compare=False)
+    #: the cross_family method's decisions that change bytes (families, depth maps, roles)
+    cross_family: Mapping[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The canonical plan: what is computed, nothing else. Its hash is the plan id.
@@ -73,13 +74,16 @@ class MergePlan:
         Neither the state root nor the decisions are part of it: decisions that matter
         (excluded donors) already show in ``contributions``, and the rest (an ignored
         retract, a recipe conflict) change nothing that is computed."""
-        return {
+        wire = {
             "v": PLAN_VERSION, "numeric": NUMERIC_VERSION, "method": self.method,
             "params": dict(self.params), "base": self.base or "",
             "contributions": [c.to_wire() for c in self.contributions],
             "dtype": self.dtype or "", "seed": self.seed or "",
             "allow_nonfinite": self.allow_nonfinite,
         }
+        if self.cross_family is not None:
+            wire["cross_family"] = dict(self.cross_family)
+        return wire
 
     @property
     def id(self) -> PlanId:
@@ -95,33 +99,12 @@ class MergePlan:
                          c.get("base"), c["params"]) for c in wire["contributions"])
         return cls(wire["method"], wire["params"], wire["base"] or None, contributions,
                    wire["dtype"] or None, wire["seed"] or None, bool(wire["allow_nonfinite"]),
-                   tuple(decisions), recipe_op, state_root)
+                   tuple(decisions), recipe_op, state_root, wire.get("cross_family"))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view for people and ``--json``."""
         return {"plan_id": self.id, "state_root": self.state_root, "recipe_op": self.recipe_op,
                 **self.to_wire(), "decisions": [dict(d) for d in self.decisions]}
-
-
-def _is_float(dtype: str) -> bool:
-    return dtype in ("F16", "BF16", "F32", "F64")
-
-
-def _finite(replica: Replica, manifest: Manifest, manifest_id: str) -> str | None:
-    """The first tensor holding NaN/inf, or None; cached per manifest (content-addressed)."""
-    key = f"finite:{manifest_id}"
-    cached = replica.store.index.get_meta(key)
-    if cached is not None:
-        return cached.decode() or None
-    bad = ""
-    for name, rec in manifest.tensors.items():
-        if _is_float(rec.dtype) and rec.nbytes:
-            t = load_tensor(replica.store, rec, TORCH_DTYPES[rec.dtype])
-            if not bool(torch.isfinite(t).all()):
-                bad = name
-                break
-    replica.store.index.set_meta(key, bad.encode())
-    return bad or None
 
 
 def _shape_problem(donor: Manifest, reference: Manifest) -> str | None:
@@ -194,6 +177,7 @@ def plan(replica: Replica) -> MergePlan:
                         "(`--anchor MODEL`) or contribute with `--base`")
     base_manifest = replica.get_manifest(base) if base else None
 
+    cross = method.name == _cross_family.NAME  # donors of other shapes, aligned per tensor
     kept: list[Contribution] = []
     for c in contributions:
         if c.form == "delta" and c.base != base:
@@ -202,13 +186,13 @@ def plan(replica: Replica) -> MergePlan:
             continue
         donor = replica.get_manifest(c.manifest)
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
-        problem = _shape_problem(donor, reference) if reference is not None else None
+        problem = _shape_problem(donor, reference) if reference is not None and not cross else None
         if problem:
             decisions.append({"decision": "excluded", "op_id": c.op_id,
                               "detail": f"shape mismatch: {problem}"})
             continue
         if not allow:
-            bad = _finite(replica, donor, c.manifest)
+            bad = first_nonfinite(replica.store, c.manifest)
             if bad:
                 decisions.append({"decision": "excluded", "op_id": c.op_id,
                                   "detail": f"tensor {bad} holds NaN or inf "
@@ -220,10 +204,16 @@ def plan(replica: Replica) -> MergePlan:
                               "detail": f"bad parameters: {problem}"})
             continue
         kept.append(c)
+    section = None
+    if cross and base is not None:
+        from crdt_merge.resolve.cross_family import plan_section
+        section, more, kept = plan_section(replica, base, kept, method_params,
+                                           all_params.get("tokenizer_source"))
+        decisions += more
     if not kept:
         raise PlanError("no live contribution to merge (all retracted or excluded)")
     method.validate(method_params, [c.params for c in kept])
     return MergePlan(method.name, method_params, base, tuple(kept),
                      OUT_DTYPES[dtype_name] if dtype_name else None,
                      seed if isinstance(seed, str) else None, allow,
-                     tuple(decisions), recipe.id, replica.state_root())
+                     tuple(decisions), recipe.id, replica.state_root(), section)

@@ -102,6 +102,13 @@ class Index:
             c.execute("INSERT OR IGNORE INTO objects VALUES (?, ?)", (object_id, size))
             c.execute("DELETE FROM wanted WHERE id = ?", (object_id,))
 
+    def add_objects(self, rows: Iterable[tuple[str, int]]) -> None:
+        """Index several durable objects in one transaction."""
+        rows = list(rows)
+        with self.write() as c:
+            c.executemany("INSERT OR IGNORE INTO objects VALUES (?, ?)", rows)
+            c.executemany("DELETE FROM wanted WHERE id = ?", [(r[0],) for r in rows])
+
     def want(self, ids: Iterable[str]) -> None:
         """Record objects that were lost (quarantined) and must be fetched again."""
         with self.write() as c:

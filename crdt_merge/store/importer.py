@@ -17,6 +17,7 @@ from typing import Any
 
 from crdt_merge.errors import ModelImportError, PieceMissing
 from crdt_merge.hashing import ManifestId
+from crdt_merge.store.finite import has_nonfinite, remember_finite
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
 from crdt_merge.store.safetensors_io import MappedFile, iter_pieces, read_header
@@ -94,13 +95,19 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _put_bytes(store: LocalStore, data: memoryview, piece_size: int) -> tuple[list[str], int]:
-    """Store ``data`` as pieces; return their ids and how many were new."""
-    ids, new = [], 0
-    for piece in iter_pieces(data, piece_size):
-        piece_id, was_new = store.put_if_new(piece)
-        ids.append(piece_id)
-        new += was_new
+    """Store ``data`` as pieces, a batch at a time; return their ids and how many were new."""
+    pieces = list(iter_pieces(data, piece_size))
+    ids: list[str] = []
+    new = 0
+    for i in range(0, len(pieces), _BATCH):
+        batch_ids, n_new = store.put_many(pieces[i:i + _BATCH])
+        ids.extend(batch_ids)
+        new += n_new
     return ids, new
+
+
+#: pieces written before their directories are fsynced and their index rows committed
+_BATCH = 256
 
 
 def import_model(store: LocalStore, source: str, piece_size: int,
@@ -114,6 +121,7 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     path = resolve_source(source)
     tensors: dict[str, TensorRecord] = {}
     new = total = 0
+    nonfinite: list[str] = []  # tensors holding NaN/inf
     for weights in _weight_files(path):
         infos, _ = read_header(weights)
         with MappedFile(weights) as mf:
@@ -123,8 +131,12 @@ def import_model(store: LocalStore, source: str, piece_size: int,
                 info = infos[name]
                 if name in tensors:
                     raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
-                ids, n_new = _put_bytes(store, mf.view[info.begin:info.end], piece_size)
+                data = mf.view[info.begin:info.end]
+                ids, n_new = _put_bytes(store, data, piece_size)
                 tensors[name] = TensorRecord(info.dtype, info.shape, tuple(ids))
+                if has_nonfinite(data, info.dtype):
+                    nonfinite.append(name)
+                data.release()
                 new += n_new
                 total += len(ids)
     files: dict[str, FileRecord] = {}
@@ -150,6 +162,9 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     manifest = Manifest(piece_size, dict(sorted(tensors.items())), files, info_meta)
     data = manifest.encode()
     mid = ManifestId(store.put(data))
+    # the plan's NaN/inf policy needs this (the first such tensor by name, as
+    # tensors.first_nonfinite finds it); every byte was just read, so note it now
+    remember_finite(store, mid, min(nonfinite, default=None))
     return Imported(mid, manifest, str(path), new, total)
 
 

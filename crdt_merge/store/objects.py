@@ -3,7 +3,8 @@
 Layout inside a replica directory::
 
     objects/ab/abcdef...   one file per object, named by its 64-hex id
-    tmp/                   temp files being written (``<pid>-<n>.tmp``); never read
+    tmp/                   temp files being written (``<pid>-<n>.tmp``); never read;
+                           ``<id>.part``: a download to resume (:class:`ObjectWriter`)
     quarantine/            objects that failed their hash when read back
 
 Writes are atomic and durable: bytes go to a temp file, which is fsynced, renamed into
@@ -17,13 +18,14 @@ This module knows files only; which objects a replica *holds* is the SQLite inde
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from crdt_merge.errors import HashMismatch, PieceCorrupt, PieceMissing
+from crdt_merge.errors import HashMismatch, PieceCorrupt, PieceMissing, ShapeMismatch
 from crdt_merge.hashing import Hasher, PieceId, check_id, digest
 
 _COUNTER = itertools.count()
@@ -42,6 +44,14 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_parent(target: Path) -> None:
+    """Create ``target``'s directory if needed; a new directory's own entry is made durable
+    too (its parent fsynced), or a power cut could lose the whole fan-out directory."""
+    if not target.parent.is_dir():
+        target.parent.mkdir(exist_ok=True)
+        fsync_dir(target.parent.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -94,12 +104,16 @@ class ObjectFiles:
         return self.write_stream(object_id, [data], verified_id=object_id)
 
     def write_stream(self, object_id: str, chunks: Iterable[bytes | memoryview],
-                     verified_id: str | None = None, max_size: int | None = None) -> PieceId:
+                     verified_id: str | None = None, max_size: int | None = None,
+                     sync_dir: bool = True) -> PieceId:
         """Write an object that arrives in chunks, hashing while it streams.
 
         The file becomes visible under ``object_id`` only once it is whole, fsynced and its
         hash matches; otherwise the temp file is removed and nothing is stored. An existing
         file of that name (one a crash left unindexed) is atomically replaced.
+
+        With ``sync_dir=False`` the caller fsyncs the object's directory itself (once for a
+        batch of objects, see :meth:`LocalStore.put_many`) before relying on the rename.
 
         Raises:
             HashMismatch: the streamed bytes do not hash to ``object_id``.
@@ -130,10 +144,11 @@ class ObjectFiles:
                 crashpoint("piece.after_fsync")
             finally:
                 os.close(fd)
-            target.parent.mkdir(exist_ok=True)
+            make_parent(target)
             os.replace(tmp, target)
             crashpoint("piece.after_rename")
-            fsync_dir(target.parent)
+            if sync_dir:
+                fsync_dir(target.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -154,6 +169,27 @@ class ObjectFiles:
         if digest(data) != object_id:
             raise PieceCorrupt(object_id, str(self.quarantine_file(object_id)))
         return data
+
+    def read_into(self, object_id: str, buf: memoryview) -> int:
+        """Read an object into ``buf`` (at least its size) and verify it; return its size.
+        Saves the copy :meth:`read` makes when the bytes go into a larger buffer.
+
+        Raises:
+            PieceMissing, PieceCorrupt: as :meth:`read`.
+        """
+        path = self.path(object_id)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > len(buf):  # the manifest is wrong, not the object
+                    raise ShapeMismatch(f"object {object_id} holds {size} bytes, more than "
+                                        f"the {len(buf)} its tensor has left")
+                got = f.readinto(buf[:size])
+        except FileNotFoundError:
+            raise PieceMissing(object_id) from None
+        if got != size or digest(buf[:size]) != object_id:
+            raise PieceCorrupt(object_id, str(self.quarantine_file(object_id)))
+        return size
 
     def quarantine_file(self, object_id: str) -> Path:
         """Move a stored object aside (it failed verification). Returns its new path."""
@@ -185,8 +221,123 @@ class ObjectFiles:
     def delete(self, object_id: str) -> None:
         self.path(object_id).unlink(missing_ok=True)
 
+    def writer(self, object_id: str, resumable: bool = False) -> ObjectWriter:
+        """An :class:`ObjectWriter` for ``object_id`` (see there)."""
+        return ObjectWriter(self, object_id, resumable)
+
     def all_ids(self) -> Iterator[str]:
         for sub in sorted(self.objects.iterdir()):
             if sub.is_dir():
                 for f in sorted(sub.iterdir()):
                     yield f.name
+
+
+class ObjectWriter:
+    """The bytes of one object arriving in chunks, hashed as they are written to a file in
+    ``tmp/``; the object appears under its id only when :meth:`commit` finds it whole and
+    matching its id (fsynced, renamed, directory fsynced, as :meth:`ObjectFiles.write_stream`).
+
+    A resumable writer uses the stable name ``tmp/<id>.part`` and holds an exclusive lock on
+    it, so a transfer interrupted in this process or a killed one continues from
+    :attr:`size` instead of starting over (the bytes already there are hashed when it
+    opens). Other writers use a unique temp name and leave nothing behind when discarded.
+    """
+
+    def __init__(self, files: ObjectFiles, object_id: str, resumable: bool = False) -> None:
+        self.object_id = check_id(object_id, "object id")
+        self._files = files
+        self.resumable = resumable
+        self._hasher = Hasher()
+        if resumable:
+            self.path = files.tmp / f"{object_id}.part"
+            self._fd = self._open_locked()
+            self._rehash()
+        else:
+            self.path = files._tmp_path()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _open_locked(self) -> int:
+        """Open and lock the part file, making sure the lock is on the file that still has
+        that name (a writer that finished first renamed its file away)."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def _rehash(self) -> None:
+        offset = 0
+        while True:
+            block = os.pread(self._fd, 1 << 20, offset)
+            if not block:
+                break
+            self._hasher.update(block)
+            offset += len(block)
+        os.lseek(self._fd, offset, os.SEEK_SET)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (including what an earlier, interrupted transfer left)."""
+        return self._hasher.size
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self._hasher.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def restart(self) -> None:
+        """Drop what was written (the sender could not resume) and start again at 0."""
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        self._hasher = Hasher()
+
+    def commit(self) -> PieceId:
+        """Verify, make durable and move into place; the writer is closed afterwards.
+
+        Raises:
+            HashMismatch: the bytes do not hash to the id; the file is deleted.
+        """
+        try:
+            actual = self._hasher.hexdigest()
+            if actual != self.object_id:
+                raise HashMismatch(self.object_id, actual)
+            os.fsync(self._fd)
+            target = self._files.path(self.object_id)
+            make_parent(target)
+            os.replace(self.path, target)
+            fsync_dir(target.parent)
+        except BaseException:
+            self.discard()
+            raise
+        os.close(self._fd)  # the name is the object's now: nothing to delete
+        self._fd = -1
+        return PieceId(self.object_id)
+
+    def discard(self) -> None:
+        """Delete the file and close (the object is held already, or failed its hash)."""
+        if self._fd >= 0:
+            self.path.unlink(missing_ok=True)
+            self.close()
+
+    def close(self) -> None:
+        """Close; a resumable file with bytes in it stays for the next attempt, any other
+        is deleted."""
+        if self._fd < 0:
+            return
+        if not self.resumable or self.size == 0:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)  # releases the lock
+        self._fd = -1
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -19,11 +19,13 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 def record_bytes(store: LocalStore, record: TensorRecord) -> bytearray:
     """The raw bytes of a tensor, each piece verified as it is read."""
     out = bytearray(record.nbytes)
+    view = memoryview(out)
     pos = 0
     for piece_id in record.pieces:
-        data = store.get(piece_id)
-        out[pos:pos + len(data)] = data
-        pos += len(data)
+        if pos >= len(out):
+            raise ShapeMismatch(f"more pieces than the record's {record.nbytes} bytes need")
+        pos += store.get_into(piece_id, view[pos:])
+    view.release()
     if pos != record.nbytes:
         raise ShapeMismatch(f"pieces hold {pos} bytes, the record says {record.nbytes}")
     return out
@@ -40,3 +42,4 @@ def load_tensor(store: LocalStore, record: TensorRecord, as_dtype: torch.dtype |
     else:
         t = torch.frombuffer(data, dtype=dtype).reshape(record.shape)
     return t.to(as_dtype) if as_dtype is not None and as_dtype != dtype else t
+

@@ -188,8 +188,29 @@ def test_plan_excludes_nan_and_shape_mismatch_donors(replicas, models, tmp_path:
     excluded = {d["op_id"]: d["detail"] for d in p.decisions if d["decision"] == "excluded"}
     assert "NaN" in excluded[nan_op.id] and "shape" in excluded[wide_op.id]
     assert "'weight' is required" in excluded[unweighted.id]
+    # a replica that received the donors by sync (and never read them at import) agrees
+    b = replicas[1]
+    sync(b, LocalPeer(a))
+    assert plan(b).decisions == p.decisions and plan(b).id == p.id
     a.set_recipe("task_arithmetic", {"allow_nonfinite": True}, anchor=anchor(a, models["base"]))
     assert nan_op.id in [c.op_id for c in plan(a).contributions]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_bit_test_agrees_with_torch(dtype: torch.dtype) -> None:
+    from crdt_merge.store.finite import has_nonfinite
+    from crdt_merge.store.tensors import DTYPE_NAMES
+
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(1000, generator=gen, dtype=torch.float64).to(dtype)
+    big = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny,
+                        0.0, -0.0], dtype=dtype)
+    for special in (None, float("nan"), float("inf"), float("-inf")):
+        t = torch.cat([base, big])
+        if special is not None:
+            t[500] = special
+        raw = t.view(torch.uint8).numpy().tobytes()
+        assert has_nonfinite(raw, DTYPE_NAMES[dtype]) == (not bool(torch.isfinite(t).all()))
 
 
 def test_bad_recipes_and_missing_base(replicas, models) -> None:
@@ -228,3 +249,19 @@ def test_recorded_plan_rederives_the_checkpoint(replicas, models, tmp_path: Path
     config = json.loads((first.out / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
     assert "## Contributions" in (first.out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("method, params", [("linear", {}), ("task_arithmetic", {"lambda": "0.7"})])
+def test_blockwise_execution_gives_the_same_bytes(replicas, models, tmp_path: Path, monkeypatch,
+                                                  method: str, params: dict) -> None:
+    execute = sys.modules["crdt_merge.resolve.execute"]  # the module, not resolve.execute()
+
+    a, _, _ = replicas
+    contribute(a, models["ft0"], base=models["base"], weight="0.6")
+    contribute(a, models["ft1"], base=models["base"], weight="0.4")
+    a.set_recipe(method, {**params, "dtype": "bfloat16"}, anchor=anchor(a, models["base"]))
+    whole = resolve(a, tmp_path / "whole", workers=1)
+    monkeypatch.setattr(execute, "BLOCK", 7)  # blocks that cut rows and pieces anywhere
+    blocks = resolve(a, tmp_path / "blocks", workers=1)
+    assert blocks.checkpoint_id == whole.checkpoint_id
+    assert (whole.out / "model.safetensors").read_bytes() == (blocks.out / "model.safetensors").read_bytes()
