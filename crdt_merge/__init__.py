@@ -13,4 +13,7 @@ import os as _os
 _os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 __version__ = "0.1.0"
+#: the version of the numeric rules (crdt_merge.numeric): bump it when any rounding or
+#: reduction changes bytes. Here, not in numeric.py, so reading it never loads torch.
+NUMERIC_VERSION = "1"
 ENGINE = f"crdt-merge/{__version__}"

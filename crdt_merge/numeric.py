@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch  # crdt_merge/__init__ has set MKL_CBWR before this import
 
-NUMERIC_VERSION = "1"
+from crdt_merge import NUMERIC_VERSION  # noqa: E402,F401  (re-exported)
 
 
 def fixed_sum(x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,17 @@ def open_peer(peer: str, token: str | None = None) -> Any:
     return LocalPeer(Replica.open(peer))
 
 
+@contextmanager
+def closing_peer(peer: Any) -> Iterator[Any]:
+    """Use a peer and release what it holds (an HTTP client's connections, a replica)."""
+    try:
+        yield peer
+    finally:
+        close = getattr(peer, "close", None) or getattr(getattr(peer, "replica", None), "close", None)
+        if close is not None:
+            close()
+
+
 def _progress(stage: str, done: int, total: int) -> None:
     if sys.stderr.isatty():
         end = "\n" if done == total else ""
@@ -105,10 +118,10 @@ def _stats(stats: SyncStats) -> dict[str, Any]:
 
 def cmd_init(args: Any) -> tuple[int, Any]:
     if args.join:
-        peer = open_peer(args.join, getattr(args, "token", None))
-        genesis = peer.get_ops([peer.state().genesis])[0]
-        replica = Replica.join(args.dir, args.site, genesis)
-        stats = sync(replica, peer, _progress)
+        with closing_peer(open_peer(args.join, args.token)) as peer:
+            genesis = peer.get_ops([peer.state().genesis])[0]
+            replica = Replica.join(args.dir, args.site, genesis)
+            stats = sync(replica, peer, _progress)
         payload = {"dir": args.dir, "site": args.site, "project": replica.genesis_id,
                    "public_key": replica.public_key.hex(), "state_root": replica.state_root(),
                    "sync": _stats(stats),
@@ -224,8 +237,8 @@ def cmd_status(args: Any) -> tuple[int, Any]:
 
 def cmd_sync(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
-        peer = open_peer(args.peer, args.token)
-        stats = sync(r, peer, _progress)
+        with closing_peer(open_peer(args.peer, args.token)) as peer:
+            stats = sync(r, peer, _progress)
         payload = _stats(stats)
         payload["state_root"] = r.state_root()
         payload["text"] = (f"received {stats.ops_received} ops, {stats.objects_received} objects; "
@@ -280,7 +293,8 @@ def cmd_verify(args: Any) -> tuple[int, Any]:
     views = {}
     for where in [args.dir, *args.peers]:
         if is_url(where):
-            views[where] = open_peer(where, args.token).checkpoint()
+            with closing_peer(open_peer(where, args.token)) as peer:
+                views[where] = peer.checkpoint()
         else:
             with Replica.open(where) as r:
                 views[where] = checkpoint_of(r)
@@ -322,18 +336,36 @@ def cmd_gc(args: Any) -> tuple[int, Any]:
 
 
 def cmd_serve(args: Any) -> tuple[int, Any]:
-    try:  # the server and its dependencies load only for this command
-        from server.main import serve
-        from server.settings import Settings
-    except ImportError as exc:
-        raise CrdtMergeError(f"serving needs the server extra: pip install "
-                             f"'crdt-model-merge[server]' ({exc})") from None
-    settings = Settings.from_env(host=args.host, port=args.port, token_file=args.token_file,
-                                 peers=tuple(args.peer) or None,
-                                 peer_token_file=args.peer_token_file,
-                                 sync_interval=args.sync_interval)
-    serve(args.dir, settings)
-    return 0, {"text": "crdt-merge: server stopped"}
+    """Replace this process with the server program (``python -m server``): the package
+    never imports the server (it depends on us, not the reverse)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("server") is None or importlib.util.find_spec("fastapi") is None:
+        raise CrdtMergeError("serving needs the server extra: pip install 'crdt-model-merge[server]'")
+    argv = [sys.executable, "-m", "server", args.dir]
+    for flag, value in (("--host", args.host), ("--port", args.port),
+                        ("--token-file", args.token_file),
+                        ("--peer-token-file", args.peer_token_file),
+                        ("--sync-interval", args.sync_interval)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for peer in args.peer:
+        argv += ["--peer", peer]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def cmd_eval(args: Any) -> tuple[int, Any]:
+    from crdt_merge.cli.evaluate import evaluate, read_text
+    result = evaluate(args.model, read_text(args.text, args.max_bytes), window=args.window,
+                      stride=args.stride).to_json()
+    result["text"] = (f"bits per byte {result['bits_per_byte']:.4f}  perplexity "
+                      f"{result['perplexity']:.2f}  ({result['tokens']} tokens, "
+                      f"{result['bytes']} bytes)")
+    return 0, result
 
 
 def cmd_families(args: Any) -> tuple[int, Any]:

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--site", required=True, help="this site's name")
     c.add_argument("--join", metavar="PEER", help="a replica directory (or URL) to join")
     c.add_argument("--name", default="merge", help="project name (new projects)")
+    c.add_argument("--token", help="bearer token when PEER is a server")
     c.add_argument("--profile", default="v1", choices=["v1", "test"],
                    help="piece size profile: v1 (16 MiB) or test (4 KiB)")
 
@@ -102,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="a server to pull from periodically (anti-entropy); repeatable")
     c.add_argument("--peer-token-file", help="a file holding this site's token for its peers")
     c.add_argument("--sync-interval", type=float, help="seconds between pulls (default 30)")
+
+    c = cmd("eval", "bits per byte and perplexity of a causal LM on a text")
+    c.add_argument("model", help="a model folder (config, safetensors, tokenizer)")
+    c.add_argument("--text", required=True, help="a UTF-8 text file")
+    c.add_argument("--max-bytes", type=int, help="score only the first N bytes of the text")
+    c.add_argument("--window", type=int, default=1024, help="tokens per scoring window")
+    c.add_argument("--stride", type=int, default=512, help="new tokens scored per window")
 
     c = cmd("families", "model families and their canonical namespace")
     fam = c.add_subparsers(dest="families_command", required=True)

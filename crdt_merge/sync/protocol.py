@@ -10,6 +10,11 @@ lack, stage them; fetch the manifests they name, then the pieces those manifests
 we lack; commit the staged ops last. Each missing object crosses the wire once; nothing
 the receiver holds is sent. Push is the mirror image: objects the peer lacks first, ops
 after, so the peer can commit them at once.
+
+A transport may offer more than :class:`Peer` (see :class:`BatchPeer`); the drivers use
+what it offers: a conditional state query (an in-sync check is one round trip), range-based
+reconciliation of the op ids (:mod:`crdt_merge.sync.reconcile`) instead of the whole id
+list, and parallel, resumable object transfers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import PeerError, WrongProject
 from crdt_merge.replica import Replica
+from crdt_merge.store.local import LocalStore
+from crdt_merge.sync import reconcile
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,24 @@ class Peer(Protocol):
     def get_object(self, object_id: str) -> bytes: ...
     def put_object(self, object_id: str, data: bytes) -> None: ...
     def put_ops(self, ops: Sequence[bytes]) -> list[str]: ...
+
+
+class BatchPeer(Peer, Protocol):
+    """Optional capabilities; the drivers use each one a transport has (``HttpPeer``).
+
+    - ``state_unless(root)``: the peer's state, or None when its state root is ``root``.
+    - ``reconcile(message)``: answer one range-based reconciliation message.
+    - ``fetch_objects(store, ids, progress)``: fetch ``ids`` into ``store`` (verified,
+      resumable, in parallel); returns (objects, bytes) received. ``progress(done, total)``.
+    - ``put_objects(store, ids, progress)``: send ``ids`` from ``store``; (objects, bytes).
+    """
+
+    def state_unless(self, root: str) -> PeerState | None: ...
+    def reconcile(self, message: bytes) -> bytes: ...
+    def fetch_objects(self, store: LocalStore, ids: Sequence[str],
+                      progress: Callable[[int, int], None]) -> tuple[int, int]: ...
+    def put_objects(self, store: LocalStore, ids: Sequence[str],
+                    progress: Callable[[int, int], None]) -> tuple[int, int]: ...
 
 
 @dataclass
@@ -106,9 +131,55 @@ def _check_project(replica: Replica, state: PeerState) -> None:
         raise WrongProject(replica.genesis_id, state.genesis)
 
 
+def _state(replica: Replica, peer: Peer) -> PeerState:
+    """The peer's state; one conditional request when the transport offers it."""
+    conditional = getattr(peer, "state_unless", None)
+    if conditional is None:
+        return peer.state()
+    state = conditional(replica.state_root())
+    if state is None:  # same state root, hence the same genesis and op set
+        return PeerState(replica.genesis_id, replica.state_root(), len(replica.ops()))
+    return state
+
+
+class _Difference:
+    """The op ids only the peer holds and only we hold, computed once, when first needed
+    (before the pull changes our set)."""
+
+    def __init__(self, replica: Replica, peer: Peer) -> None:
+        self._replica, self._peer = replica, peer
+        self._value: tuple[list[str], list[str]] | None = None
+
+    def get(self) -> tuple[list[str], list[str]]:
+        if self._value is None:
+            local = self._replica.op_ids()
+            respond = getattr(self._peer, "reconcile", None)
+            if respond is None:
+                remote = self._peer.op_ids()
+                self._value = (ops_to_send(remote, local), ops_to_send(local, remote))
+            else:
+                outcome = reconcile.run(local, respond)
+                self._value = (outcome.remote_only, outcome.local_only)
+        return self._value
+
+
 def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: SyncStats,
                    progress: Progress, stage: str) -> None:
+    """Fetch the objects of ``ids`` that we lack and the peer holds. Ops staged earlier may
+    name objects this peer never had (they came from another peer, and that transfer was
+    cut off): those are left for a peer that has them, not asked for."""
     wanted = sorted(replica.store.missing(ids))
+    if wanted:
+        lacking = peer.missing(wanted)
+        wanted = [o for o in wanted if o not in lacking]
+    batch = getattr(peer, "fetch_objects", None)
+    if batch is not None:
+        if wanted:
+            count, nbytes = batch(replica.store, wanted,
+                                  lambda done, total: progress(stage, done, total))
+            stats.objects_received += count
+            stats.bytes_received += nbytes
+        return
     for i, object_id in enumerate(wanted):
         data = peer.get_object(object_id)
         replica.store.put(data, expected=object_id)  # verified: HashMismatch if not
@@ -119,17 +190,21 @@ def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: Sync
 
 def pull(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats:
     """Bring into ``replica`` every op ``peer`` holds, with the objects they need."""
-    stats = SyncStats()
-    state = peer.state()
+    state = _state(replica, peer)
     _check_project(replica, state)
+    return _pull(replica, peer, state, _Difference(replica, peer), progress)
+
+
+def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Difference,
+          progress: Progress) -> SyncStats:
+    stats = SyncStats()
     lost = replica.store.index.wanted()
     if lost:  # objects quarantined here: fetch again what the peer has
-        present = sorted(set(lost) - peer.missing(lost))
-        _fetch_objects(replica, peer, present, stats, progress, "repair")
+        _fetch_objects(replica, peer, lost, stats, progress, "repair")
     staged_before = replica.staged()
     if state.state_root == replica.state_root() and not staged_before:
         return stats
-    want = ops_to_fetch(replica.ops(), (op.id for op in staged_before), peer.op_ids())
+    want = ops_to_fetch(replica.ops(), (op.id for op in staged_before), difference.get()[0])
     incoming = []
     for data in peer.get_ops(want):
         incoming.append(replica.stage(data))
@@ -150,19 +225,31 @@ def pull(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats
 
 def push(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats:
     """Send ``peer`` every op ``replica`` holds that it lacks: objects first, then ops."""
-    stats = SyncStats()
-    state = peer.state()
+    state = _state(replica, peer)
     _check_project(replica, state)
+    return _push(replica, peer, state, _Difference(replica, peer), progress)
+
+
+def _push(replica: Replica, peer: Peer, state: PeerState, difference: _Difference,
+          progress: Progress) -> SyncStats:
+    stats = SyncStats()
     if state.state_root == replica.state_root():
         return stats
     ops = replica.ops()
-    send = [ops[i] for i in ops_to_send(ops, peer.op_ids())]
+    send = [ops[i] for i in difference.get()[1] if i in ops]
     if not send:
         return stats
     manifest_ids = [m for m in manifests_needed(send, ops.values()) if replica.store.has(m)]
     objects = replica.closure(manifest_ids)
     lacking = peer.missing(objects)
     order = [o for o in objects if o in lacking]
+    batch = getattr(peer, "put_objects", None)
+    if batch is not None and order:
+        count, nbytes = batch(replica.store, order,
+                              lambda done, total: progress("upload", done, total))
+        stats.objects_sent += count
+        stats.bytes_sent += nbytes
+        order = []
     for i, object_id in enumerate(order):
         data = replica.store.get(object_id)
         peer.put_object(object_id, data)
@@ -175,5 +262,25 @@ def push(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats
 
 
 def sync(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats:
-    """Pull then push: afterwards both sides hold the union of their ops."""
-    return pull(replica, peer, progress).add(push(replica, peer, progress))
+    """Pull then push: afterwards both sides hold the union of their ops. The peer's state
+    is asked once and the op ids are compared once, for both directions.
+
+    One round is not always enough: ops we push can let the peer commit ops it had staged
+    (waiting for a membership op or for objects), and ops we pull can do the same here.
+    So while the two roots differ, another round runs, as long as the last one changed
+    either root: op sets only grow, so this ends.
+    """
+    state = _state(replica, peer)
+    _check_project(replica, state)
+    stats = SyncStats()
+    while True:
+        before = (replica.state_root(), state.state_root)
+        difference = _Difference(replica, peer)
+        stats = stats.add(_pull(replica, peer, state, difference, progress))
+        stats = stats.add(_push(replica, peer, state, difference, progress))
+        if not (stats.ops_received or stats.ops_sent):
+            return stats  # nothing moved: the common case costs no extra round trip
+        state = _state(replica, peer)
+        if state.state_root == replica.state_root() or before == (replica.state_root(),
+                                                                  state.state_root):
+            return stats

@@ -1,0 +1,143 @@
+"""Routes for the state, the ops, the checkpoint and anti-entropy (specs/http.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from crdt_merge import ENGINE
+from crdt_merge.crdt import ops as opmod
+from crdt_merge.errors import OpMissing, SchemaError, WrongProject
+from crdt_merge.sync import reconcile, wire
+from server.auth import ADMIN, CONTRIBUTE, READ
+from server.bodies import read_body, reply
+from server.service import Service
+
+router = APIRouter()
+
+MSGPACK_BODY: dict[str, Any] = {
+    "requestBody": {"required": True,
+                    "content": {wire.MSGPACK: {"schema": {"type": "string", "format": "binary"}}}},
+}
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+def etag_matches(header: str | None, tag: str) -> bool:
+    """True when an ``If-None-Match`` header names the strong ETag ``"tag"`` (or ``*``)."""
+    if not header:
+        return False
+    wanted = f'"{tag}"'
+    return any(part.strip() in (wanted, "*") for part in header.split(","))
+
+
+@router.get("/healthz", tags=["meta"], summary="Liveness: the replica opens and answers")
+def healthz(request: Request) -> Any:
+    service = service_of(request)
+    return {"ok": True, "engine": ENGINE, "genesis": service.replica.genesis_id}
+
+
+@router.get("/v1/state", tags=["state"], summary="The replica's state; 304 when unchanged",
+            responses={304: {"description": "the state root is the one in If-None-Match"}},
+            dependencies=[READ])
+def get_state(request: Request) -> Response:
+    """Genesis id, state root, op count, checkpoint id (when this server resolved the
+    current state), engine, protocol and numeric versions. The strong ETag is the state
+    root: send it back in ``If-None-Match`` and an unchanged replica answers ``304``."""
+    service = service_of(request)
+    root = service.replica.state_root()
+    headers = {"ETag": f'"{root}"', "Cache-Control": "no-cache"}
+    if etag_matches(request.headers.get("if-none-match"), root):
+        return Response(status_code=304, headers=headers)
+    return reply(request, service.state(), headers=headers)
+
+
+@router.get("/v1/ops", tags=["ops"], summary="Every committed op id (the plain id list)",
+            dependencies=[READ])
+def list_ops(request: Request) -> Response:
+    return reply(request, {"ids": service_of(request).replica.op_ids()})
+
+
+@router.post("/v1/ops/reconcile", tags=["ops"], openapi_extra=MSGPACK_BODY,
+             summary="One round of range-based set reconciliation of op ids",
+             dependencies=[READ])
+async def reconcile_ops(request: Request) -> Response:
+    service = service_of(request)
+    body = await read_body(request, service.settings.max_message_bytes)
+
+    def answer() -> bytes:
+        return reconcile.respond(service.id_index(), body)
+
+    return Response(await run_in_threadpool(answer), media_type=wire.MSGPACK)
+
+
+@router.post("/v1/ops/fetch", tags=["ops"], openapi_extra=MSGPACK_BODY,
+             summary="The bytes of the ops named (body {ids: [op id]})",
+             dependencies=[READ])
+async def fetch_ops(request: Request) -> Response:
+    service = service_of(request)
+    body = await read_body(request, service.settings.max_message_bytes)
+
+    def fetch() -> dict[str, Any]:
+        ids = wire.id_list(wire.decode_map(body, {"ids": list})["ids"], "op id")
+        ops = service.replica.ops()
+        for op_id in ids:
+            if op_id not in ops:
+                raise OpMissing(op_id)
+        return {"ops": [ops[i].data for i in ids]}
+
+    return reply(request, await run_in_threadpool(fetch))
+
+
+@router.post("/v1/ops", tags=["ops"], openapi_extra=MSGPACK_BODY,
+             summary="Push ops (body {ops: [op bytes]}): staged, committed once complete",
+             dependencies=[CONTRIBUTE])
+async def push_ops(request: Request) -> Response:
+    """Every op is decoded and checked for its project first; one malformed op refuses the
+    whole request and stages nothing. Then all are staged and every staged op whose
+    membership op and objects are held is committed. Ops whose signature does not verify
+    are refused (``rejected``) and not kept; ops still lacking objects stay staged
+    (``waiting``) until the objects arrive. Pushing an op twice changes nothing."""
+    service = service_of(request)
+    body = await read_body(request, service.settings.max_message_bytes)
+
+    def apply() -> dict[str, Any]:
+        r = service.replica
+        raw = wire.decode_map(body, {"ops": list})["ops"]
+        if not all(isinstance(data, bytes) for data in raw):
+            raise SchemaError("ops must be byte strings (each op's canonical msgpack)")
+        decoded = [opmod.decode(data) for data in raw]
+        for op in decoded:
+            if op.project != r.genesis_id:
+                raise WrongProject(r.genesis_id, op.project)
+        held = r.ops()
+        already = sorted({op.id for op in decoded if op.id in held})
+        for op in decoded:
+            r.stage(op.data)
+        report = r.commit_staged()
+        return {"committed": report.committed, "already": already, "waiting": report.waiting,
+                "rejected": {k: {"code": v.code, "detail": v.detail}
+                             for k, v in report.rejected.items()}}
+
+    return reply(request, await run_in_threadpool(apply))
+
+
+@router.get("/v1/checkpoint", tags=["state"],
+            summary="The checkpoint id of the current state, and its files",
+            dependencies=[READ])
+def get_checkpoint(request: Request) -> Response:
+    """Resolves the current plan once (into the server's checkpoint directory) and answers
+    ``{state_root, checkpoint_id, plan_id, numeric_profile, files}``; ``checkpoint_id`` is
+    null with a ``detail`` when the state has no plan yet (no recipe, no contribution)."""
+    return reply(request, service_of(request).checkpoint())
+
+
+@router.post("/v1/sync", tags=["state"],
+             summary="Run one anti-entropy round now: pull from every configured peer",
+             dependencies=[ADMIN])
+def sync_now(request: Request) -> Response:
+    return reply(request, {"peers": service_of(request).anti_entropy.run_once()})

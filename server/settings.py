@@ -1,0 +1,166 @@
+"""Server settings: from arguments, else ``CRDT_MERGE_*`` environment variables, read once.
+
+    CRDT_MERGE_HOST               address to listen on (127.0.0.1)
+    CRDT_MERGE_PORT               port (8000)
+    CRDT_MERGE_TOKEN_FILE         tokens accepted by this server (format below); none: open
+                                  to loopback clients only
+    CRDT_MERGE_PEERS              peer URLs to pull from, separated by spaces or commas
+    CRDT_MERGE_PEER_TOKEN_FILE    a file holding this site's token for those peers
+    CRDT_MERGE_SYNC_INTERVAL      seconds between anti-entropy pulls (30)
+    CRDT_MERGE_MAX_OBJECT_BYTES   largest object a PUT may carry (64 MiB)
+    CRDT_MERGE_MAX_MESSAGE_BYTES  largest msgpack request body (32 MiB)
+    CRDT_MERGE_TRANSFER_WORKERS   objects fetched at once when pulling (4)
+    CRDT_MERGE_CHECKPOINT_DIR     where GET /v1/checkpoint renders checkpoints
+                                  (REPLICA/checkpoints)
+
+Token file: one token per line, ``SITE SCOPES TOKEN``, scopes comma-separated from
+``read``, ``contribute``, ``admin`` (each implies the ones before it); ``#`` starts a
+comment. For example::
+
+    alpha admin   4f3c...   # the site that runs this server
+    beta  contribute 9a1e...
+    ci    read    77d0...
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from crdt_merge.errors import BadParameter
+
+SCOPES = ("read", "contribute", "admin")
+_SITE = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
+MIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Token:
+    site: str
+    scopes: frozenset[str]
+    secret: str = field(repr=False)
+
+
+def _implied(scope: str) -> frozenset[str]:
+    return frozenset(SCOPES[:SCOPES.index(scope) + 1])
+
+
+def parse_tokens(text: str, source: str = "token file") -> tuple[Token, ...]:
+    """Parse a token file (see the module docstring).
+
+    Raises:
+        BadParameter: a malformed line, an unknown scope, a short or repeated token.
+    """
+    tokens: list[Token] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise BadParameter(f"{source}:{number}: write SITE SCOPES TOKEN")
+        site, scopes, secret = parts
+        if not _SITE.fullmatch(site):
+            raise BadParameter(f"{source}:{number}: {site!r} is not a site name")
+        granted: set[str] = set()
+        for scope in scopes.split(","):
+            if scope not in SCOPES:
+                raise BadParameter(f"{source}:{number}: scope {scope!r}: use {', '.join(SCOPES)}")
+            granted |= _implied(scope)
+        if len(secret) < MIN_TOKEN_LENGTH:
+            raise BadParameter(f"{source}:{number}: tokens need at least {MIN_TOKEN_LENGTH} "
+                               "characters (use `openssl rand -hex 32`)")
+        if secret in seen:
+            raise BadParameter(f"{source}:{number}: the same token appears twice")
+        seen.add(secret)
+        tokens.append(Token(site, frozenset(granted), secret))
+    return tuple(tokens)
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise BadParameter(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tokens: tuple[Token, ...] = ()
+    peers: tuple[str, ...] = ()
+    peer_token: str | None = field(default=None, repr=False)
+    sync_interval: float = 30.0
+    max_object_bytes: int = 64 << 20
+    max_message_bytes: int = 32 << 20
+    transfer_workers: int = 4
+    checkpoint_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``environ`` (default: the process environment), with ``overrides``
+        (keyword arguments named as the fields; None means "not given") taking precedence.
+        ``token_file`` and ``peer_token_file`` may be given instead of ``tokens`` and
+        ``peer_token``.
+
+        Raises:
+            BadParameter: a malformed value or an unreadable file.
+        """
+        env = os.environ if environ is None else environ
+        given = {k: v for k, v in overrides.items() if v is not None}
+
+        def pick(name: str, var: str, default: Any, parse: Any = str) -> Any:
+            if name in given:
+                return given.pop(name)
+            raw = env.get(var)
+            if raw is None or raw == "":
+                return default
+            try:
+                return parse(raw)
+            except ValueError:
+                raise BadParameter(f"{var}={raw!r} is not a valid value") from None
+
+        token_file = pick("token_file", "CRDT_MERGE_TOKEN_FILE", None)
+        tokens = given.pop("tokens", None)
+        if tokens is None:
+            tokens = parse_tokens(_read_text(token_file, "token file"), str(token_file)) \
+                if token_file else ()
+        peer_token_file = pick("peer_token_file", "CRDT_MERGE_PEER_TOKEN_FILE", None)
+        peer_token = given.pop("peer_token", None)
+        if peer_token is None and peer_token_file:
+            peer_token = _read_text(peer_token_file, "peer token file").strip() or None
+        peers = pick("peers", "CRDT_MERGE_PEERS", (),
+                     lambda raw: tuple(p for p in re.split(r"[\s,]+", raw) if p))
+        settings = cls(
+            host=pick("host", "CRDT_MERGE_HOST", cls.host),
+            port=pick("port", "CRDT_MERGE_PORT", cls.port, int),
+            tokens=tuple(tokens),
+            peers=tuple(p.rstrip("/") for p in peers),
+            peer_token=peer_token,
+            sync_interval=pick("sync_interval", "CRDT_MERGE_SYNC_INTERVAL", cls.sync_interval,
+                               float),
+            max_object_bytes=pick("max_object_bytes", "CRDT_MERGE_MAX_OBJECT_BYTES",
+                                  cls.max_object_bytes, int),
+            max_message_bytes=pick("max_message_bytes", "CRDT_MERGE_MAX_MESSAGE_BYTES",
+                                   cls.max_message_bytes, int),
+            transfer_workers=pick("transfer_workers", "CRDT_MERGE_TRANSFER_WORKERS",
+                                  cls.transfer_workers, int),
+            checkpoint_dir=pick("checkpoint_dir", "CRDT_MERGE_CHECKPOINT_DIR", None, Path),
+        )
+        if given:
+            raise BadParameter(f"unknown settings: {sorted(given)}")
+        for peer in settings.peers:
+            if not peer.startswith(("http://", "https://")):
+                raise BadParameter(f"peer {peer!r} is not an http(s) URL")
+        if settings.sync_interval <= 0 or settings.transfer_workers < 1:
+            raise BadParameter("the sync interval and transfer workers must be positive")
+        return settings
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
