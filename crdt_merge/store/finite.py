@@ -48,5 +48,10 @@ def first_nonfinite(store: LocalStore, manifest_id: str) -> str | None:
     return bad or None
 
 
+def finite_known(store: LocalStore, manifest_id: str) -> bool:
+    """Whether the NaN/inf answer for a manifest is already cached."""
+    return store.index.get_meta(_FINITE_KEY + manifest_id) is not None
+
+
 def remember_finite(store: LocalStore, manifest_id: str, bad: str | None) -> None:
     store.index.set_meta(_FINITE_KEY + manifest_id, (bad or "").encode())

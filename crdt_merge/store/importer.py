@@ -17,10 +17,10 @@ from typing import Any
 
 from crdt_merge.errors import ModelImportError, PieceMissing
 from crdt_merge.hashing import ManifestId
-from crdt_merge.store.finite import has_nonfinite, remember_finite
+from crdt_merge.store.finite import finite_known, has_nonfinite, remember_finite
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
-from crdt_merge.store.safetensors_io import MappedFile, iter_pieces, read_header
+from crdt_merge.store.safetensors_io import MappedFile, TensorInfo, iter_pieces, read_header
 
 #: files of a model folder kept beside the tensors (config, tokenizer, chat template)
 KEPT_FILES = (
@@ -121,9 +121,10 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     path = resolve_source(source)
     tensors: dict[str, TensorRecord] = {}
     new = total = 0
-    nonfinite: list[str] = []  # tensors holding NaN/inf
+    read: list[tuple[Path, list[TensorInfo]]] = []
     for weights in _weight_files(path):
         infos, _ = read_header(weights)
+        read.append((weights, list(infos.values())))
         with MappedFile(weights) as mf:
             if len(mf.view) != weights.stat().st_size:
                 raise ModelImportError(f"{weights}: file changed while reading")
@@ -134,8 +135,6 @@ def import_model(store: LocalStore, source: str, piece_size: int,
                 data = mf.view[info.begin:info.end]
                 ids, n_new = _put_bytes(store, data, piece_size)
                 tensors[name] = TensorRecord(info.dtype, info.shape, tuple(ids))
-                if has_nonfinite(data, info.dtype):
-                    nonfinite.append(name)
                 data.release()
                 new += n_new
                 total += len(ids)
@@ -162,9 +161,18 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     manifest = Manifest(piece_size, dict(sorted(tensors.items())), files, info_meta)
     data = manifest.encode()
     mid = ManifestId(store.put(data))
-    # the plan's NaN/inf policy needs this (the first such tensor by name, as
-    # tensors.first_nonfinite finds it); every byte was just read, so note it now
-    remember_finite(store, mid, min(nonfinite, default=None))
+    if not finite_known(store, mid):
+        # the plan's NaN/inf policy needs this (the first such tensor by name, as
+        # finite.first_nonfinite finds it); the bytes are in the page cache now
+        nonfinite = []
+        for weights, infos in read:
+            with MappedFile(weights) as mf:
+                for info in infos:
+                    data = mf.view[info.begin:info.end]
+                    if has_nonfinite(data, info.dtype):
+                        nonfinite.append(info.name)
+                    data.release()
+        remember_finite(store, mid, min(nonfinite, default=None))
     return Imported(mid, manifest, str(path), new, total)
 
 

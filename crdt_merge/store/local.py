@@ -12,6 +12,7 @@ an object or an op whose objects a crash could have lost.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from crdt_merge.errors import (
@@ -27,6 +28,7 @@ from crdt_merge.store.db import Index
 from crdt_merge.store.objects import ObjectFiles, ObjectWriter, crashpoint, fsync_dir
 
 DB_NAME = "replica.sqlite"
+_IO_THREADS = 4
 
 
 class LocalStore:
@@ -98,13 +100,14 @@ class LocalStore:
         fsynced once for the batch and the index rows go in one transaction, after every
         piece is durable: the same guarantees for a fraction of the fsyncs.
         """
-        ids = [PieceId(digest(p)) for p in pieces]
-        held = self.index.has_objects(ids)
-        written: dict[str, int] = {}
-        for piece_id, data in zip(ids, pieces, strict=True):
-            if piece_id not in held and piece_id not in written:
-                self.files.write_stream(piece_id, [data], verified_id=piece_id, sync_dir=False)
-                written[piece_id] = len(data)
+        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
+            # hashing and fsync release the GIL: a few threads overlap them
+            ids = [PieceId(i) for i in pool.map(digest, pieces)]
+            held = self.index.has_objects(ids)
+            new = {i: d for i, d in zip(ids, pieces, strict=True) if i not in held}
+            list(pool.map(lambda item: self.files.write_stream(
+                item[0], [item[1]], verified_id=item[0], sync_dir=False), new.items()))
+        written = {i: len(d) for i, d in new.items()}
         for parent in sorted({self.files.path(i).parent for i in written}):
             fsync_dir(parent)
         if written:
