@@ -1,0 +1,303 @@
+"""One seeded run of several replicas over a faulty network, and the checks after it.
+
+:func:`run_seed` builds 3-5 replica directories (profile "test", 4 KiB pieces), then plays
+a workload drawn from ``random.Random(seed)``: contributions of tiny float32 models,
+retracts (of a site's own contributions and of other sites', which have no effect),
+concurrent recipe changes (``linear``, or ``task_arithmetic`` with an anchor), pairwise
+``sync``/``pull``/``push`` through :class:`~tests.sim.network.SimNetwork` (drops,
+duplicates, reorders, delays, partitions and heals). Then the network heals, messages still
+in flight arrive or are lost, and anti-entropy runs (every pair syncs until nothing moves).
+
+It must end with, on every replica: the same state root; every op any site authored; no op
+left staged; and the same resolve outcome: the same checkpoint id, or the same plan or
+recipe error (any other error, such as a missing piece, fails the seed).
+
+Every draw comes from the one seeded RNG (keys and nonces included), so a seed replays
+exactly; :class:`SimulationFailed` carries the seed and the event log.
+"""
+
+from __future__ import annotations
+
+import random
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crdt_merge.errors import CrdtMergeError, PeerError, PlanError, RecipeError, UnknownSite
+from crdt_merge.replica import Replica
+from crdt_merge.resolve import resolve
+from crdt_merge.store.manifests import Manifest, TensorRecord, piece_lengths
+from crdt_merge.sync import LocalPeer, pull, push, sync
+
+from .network import HEALED, LOSSY, SimNetwork, SimPeer
+
+SHAPES = {"layers.0.w": (24, 48), "layers.0.b": (48,), "norm": (4, 4)}  # w: 2 pieces
+WEIGHTS = ["0.5", "1", "1.5", "2", "-1"]
+ANTI_ENTROPY_ROUNDS = 8
+
+
+class SimulationFailed(AssertionError):
+    """A seed broke an invariant; the message holds the seed and the event log to replay."""
+
+    def __init__(self, seed: int, reason: str, log: list[str]) -> None:
+        super().__init__(f"seed {seed}: {reason}\nreplay: python -m tests.sim.run --seed {seed}"
+                         " -v\n" + "\n".join(log))
+        self.seed, self.reason, self.log = seed, reason, log
+
+
+@dataclass
+class Outcome:
+    """What a seed ended with (equal on every replica, or the run raised)."""
+
+    seed: int
+    log: list[str]
+    state_root: str
+    resolved: str  # "checkpoint <id>" or "<error code>: <detail>"
+    ops: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def tiny_model(rng: random.Random, replica: Replica) -> str:
+    """Store a small float32 model with seeded values; return its manifest id. The "norm"
+    tensor is the same in every model, so its piece is shared."""
+    tensors = {}
+    for name, shape in SHAPES.items():
+        n = 1
+        for d in shape:
+            n *= d
+        if name == "norm":
+            values = array("f", [1.0] * n)
+        else:
+            values = array("f", [round(rng.uniform(-1, 1), 3) for _ in range(n)])
+        data = values.tobytes()  # little-endian on every machine this runs on
+        pieces, pos = [], 0
+        for length in piece_lengths(len(data), replica.piece_size):
+            pieces.append(replica.store.put(data[pos:pos + length]))
+            pos += length
+        tensors[name] = TensorRecord("F32", shape, tuple(pieces))
+    return replica.put_manifest(Manifest(replica.piece_size, tensors, {}, {"family": "sim"}))
+
+
+class Simulation:
+    """The replicas, the network and the workload of one seed."""
+
+    def __init__(self, seed: int, workdir: Path, *, steps: int | None = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.workdir = workdir
+        self.log: list[str] = []
+        self.echo = echo
+        self.step = 0
+        self.net = SimNetwork(random.Random(self.rng.getrandbits(64)), self.note, LOSSY)
+        n = self.rng.randint(3, 5)
+        self.steps = steps if steps is not None else self.rng.randint(20, 40)
+        self.sites = [f"s{i}" for i in range(n)]
+        self.authored: set[str] = set()
+        self.counts: dict[str, int] = {}
+        first = Replica.create(workdir / "s0", "s0", name="sim", profile="test",
+                               rng=self.rng.randbytes)
+        self.replicas = {"s0": first}
+        for site in self.sites[1:]:
+            self.replicas[site] = Replica.join(workdir / site, site, first.genesis_bytes(),
+                                               rng=self.rng.randbytes)
+        self.note(f"seed {seed}: {n} replicas, {self.steps} steps")
+        for site in self.sites[1:]:  # admitted at s0; some learn it now, the rest by syncing
+            role = "admin" if self.rng.random() < 0.3 else "member"
+            self.authored.add(first.admit(site, self.replicas[site].public_key, role).id)
+            self.note(f"s0 admit {site} as {role}")
+        for site in self.sites[1:]:
+            if self.rng.random() < 0.5:
+                sync(self.replicas[site], LocalPeer(first))
+                self.note(f"setup: {site} synced with s0 over a perfect link")
+
+    def note(self, text: str) -> None:
+        line = f"{self.step:03d} {text}"
+        self.log.append(line)
+        if self.echo is not None:
+            self.echo(line)
+
+    def fail(self, reason: str) -> SimulationFailed:
+        return SimulationFailed(self.seed, reason, self.log)
+
+    def close(self) -> None:
+        for r in self.replicas.values():
+            r.close()
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    # -- the workload ---------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        events = [(self.contribute, 25), (self.retract, 8), (self.recipe, 12),
+                  (self.sync_pair, 40), (self.partition, 5), (self.heal, 4),
+                  (self.deliver, 8)]
+        actions, weights = zip(*events, strict=True)
+        for step in range(1, self.steps + 1):
+            self.step = step
+            self.rng.choices(actions, weights)[0]()
+        self.step = self.steps + 1
+        return self.finish()
+
+    def author(self, site: str, kind: str, what: str, make: Callable[[Replica], str]) -> None:
+        """Author one op at ``site`` (``kind`` names it in the counts), unless the site does
+        not hold its own admit yet."""
+        r = self.replicas[site]
+        try:
+            r.membership()
+        except UnknownSite:
+            self.count("skipped: not admitted yet")
+            self.note(f"{site} {what}: skipped, {site} does not hold its admit yet")
+            return
+        op_id = make(r)
+        self.authored.add(op_id)
+        self.count(kind)
+        self.note(f"{site} {what} -> {op_id[:12]}")
+
+    def contribute(self) -> None:
+        site = self.rng.choice(self.sites)
+        roll = self.rng.random()
+        params = {} if roll < 0.05 else {"weight": self.rng.choice(WEIGHTS)}
+
+        def make(r: Replica) -> str:
+            manifest = tiny_model(self.rng, r)
+            return r.contribute(manifest, params=params, label=f"{site}-{self.step}").id
+        self.author(site, "contribute", f"contribute {params}", make)
+
+    def retract(self) -> None:
+        site = self.rng.choice(self.sites)
+        r = self.replicas[site]
+        held = sorted(op.id for op in r.ops().values() if op.kind == "contribute")
+        if not held:
+            self.note(f"{site} retract: skipped, no contribution held")
+            return
+        target = self.rng.choice(held)
+        whose = "own" if r.get_op(target).site == site else "other's"
+        self.author(site, f"retract {whose}", f"retract {whose} {target[:12]}",
+                    lambda r: r.retract([target]).id)
+
+    def recipe(self) -> None:
+        site = self.rng.choice(self.sites)
+        if self.rng.random() < 0.5:
+            params = {} if self.rng.random() < 0.7 else {"normalize": False}
+            self.author(site, "recipe linear", f"recipe linear {params}",
+                        lambda r: r.set_recipe("linear", params).id)
+            return
+
+        def make(r: Replica) -> str:
+            held = sorted({op.body["manifest"] for op in r.ops().values()
+                           if op.kind == "contribute" and r.store.has(op.body["manifest"])})
+            if held and self.rng.random() < 0.5:
+                anchor = self.rng.choice(held)
+            else:
+                anchor = tiny_model(self.rng, r)
+            return r.set_recipe("task_arithmetic", {}, anchor=anchor).id
+        self.author(site, "recipe task_arithmetic", "recipe task_arithmetic", make)
+
+    def sync_pair(self) -> None:
+        a, b = self.rng.sample(self.sites, 2)
+        how = self.rng.choice(["sync", "sync", "pull", "push"])
+        driver = {"sync": sync, "pull": pull, "push": push}[how]
+        self.note(f"{how} {a}<->{b}")
+        try:
+            stats = driver(self.replicas[a], SimPeer(self.net, a, self.replicas[b]))
+        except PeerError as exc:
+            self.count("sync failed")
+            self.note(f"  failed: {exc.detail}")
+            return
+        self.count("sync ok")
+        self.note(f"  ok: ops {stats.ops_received} in, {stats.ops_sent} out; objects "
+                  f"{stats.objects_received} in, {stats.objects_sent} out")
+
+    def partition(self) -> None:
+        order = self.sites[:]
+        self.rng.shuffle(order)
+        cut = self.rng.randint(1, len(order) - 1)
+        sides = {s: int(i >= cut) for i, s in enumerate(order)}
+        self.net.partition(sides)
+        self.count("partition")
+        self.note(f"partition {sorted(order[:cut])} | {sorted(order[cut:])}")
+
+    def heal(self) -> None:
+        self.net.heal()
+        self.note("heal")
+
+    def deliver(self) -> None:
+        self.net.deliver_one(self.replicas)
+
+    # -- the end --------------------------------------------------------------------------
+
+    def roots(self) -> dict[str, str]:
+        return {s: self.replicas[s].state_root() for s in self.sites}
+
+    def finish(self) -> Outcome:
+        self.note("heal; flush; anti-entropy")
+        self.net.heal()
+        self.net.flush(self.replicas)
+        self.net.faults = HEALED
+        pairs = [(a, b) for a in self.sites for b in self.sites if a < b]
+        for round_no in range(1, ANTI_ENTROPY_ROUNDS + 1):
+            before = self.roots()
+            self.rng.shuffle(pairs)
+            for a, b in pairs:
+                try:
+                    sync(self.replicas[a], SimPeer(self.net, a, self.replicas[b]))
+                except PeerError as exc:  # the healed network drops nothing
+                    raise self.fail(f"anti-entropy sync {a}<->{b} failed: {exc}") from exc
+            after = self.roots()
+            if after == before and len(set(after.values())) == 1:
+                self.note(f"anti-entropy quiescent after {round_no} rounds")
+                break
+        else:
+            raise self.fail(f"anti-entropy did not converge in {ANTI_ENTROPY_ROUNDS} rounds: "
+                            f"{self.roots()}")
+        return self.check()
+
+    def check(self) -> Outcome:
+        roots = self.roots()
+        for site in self.sites:
+            r = self.replicas[site]
+            lost = sorted(self.authored - set(r.op_ids()))
+            if lost:
+                raise self.fail(f"{site} lacks authored ops {lost}")
+            staged = [op_id for op_id, _ in r.store.staged_rows()]
+            if staged:
+                raise self.fail(f"{site} still has staged ops {staged}")
+        resolved = {}
+        for site in self.sites:
+            try:
+                result = resolve(self.replicas[site], self.workdir / f"out-{site}", workers=1)
+            except (PlanError, RecipeError) as exc:  # a decision every replica must share
+                resolved[site] = f"{exc.code}: {exc.detail}"
+            except CrdtMergeError as exc:  # missing or corrupt objects: never acceptable
+                raise self.fail(f"{site} resolve failed: {exc.code}: {exc.detail}") from exc
+            else:
+                resolved[site] = f"checkpoint {result.checkpoint_id}"
+        status = self.replicas["s0"].status()
+        self.note(f"state: {status['ops']} ops, {len(status['contributions'])} contributions, "
+                  f"{len(status['conflicts'])} recipe conflicts, "
+                  f"{len(status['ignored_retracts'])} ignored retracts")
+        self.note(f"roots {sorted(set(roots.values()))}")
+        self.note(f"resolved {sorted(set(resolved.values()))}")
+        if len(set(roots.values())) != 1:
+            raise self.fail(f"state roots differ: {roots}")
+        if len(set(resolved.values())) != 1:
+            raise self.fail(f"resolve outcomes differ: {resolved}")
+        ops = len(self.replicas["s0"].ops())
+        return Outcome(self.seed, self.log, roots["s0"], resolved["s0"], ops, self.counts)
+
+
+def run_seed(seed: int, workdir: Path, *, steps: int | None = None,
+             echo: Callable[[str], None] | None = None) -> Outcome:
+    """Run one seed in the empty directory ``workdir``.
+
+    Raises:
+        SimulationFailed: an invariant broke (the seed and the event log are in it).
+    """
+    sim = Simulation(seed, workdir, steps=steps, echo=echo)
+    try:
+        return sim.run()
+    finally:
+        sim.close()
