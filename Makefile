@@ -23,7 +23,7 @@ mergekit-env:
 
 test: $(STAMP) mergekit-env
 	$(PY) -m ruff check crdt_merge server tests
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 demo: $(STAMP)
 	$(PY) -m crdt_merge.demo

@@ -15,6 +15,7 @@ The formulas, tie rules and the randomness construction are written down in
 
 from crdt_merge.methods import (  # noqa: F401  (each module registers its methods)
     breadcrumbs,
+    cross_family_params,
     dare,
     della,
     karcher,
@@ -30,6 +31,7 @@ from crdt_merge.methods import (  # noqa: F401  (each module registers its metho
 from crdt_merge.methods.base import (
     METHODS,
     REQUIRED,
+    WHOLE_MODEL,
     Bound,
     Method,
     ParamSpec,
@@ -41,6 +43,7 @@ from crdt_merge.methods.slices import OutputTensor, SlicePlan, passthrough_sourc
 
 __all__ = [
     "METHODS",
+    "WHOLE_MODEL",
     "REQUIRED",
     "Bound",
     "Method",

@@ -379,11 +379,17 @@ METHODS: dict[str, Method] = {}
 """Every registered method, keyed by the exact name users write (mergekit's names)."""
 
 
-def register(method: Method) -> Method:
-    """Add ``method`` to :data:`METHODS`; a second method of the same name is a bug."""
-    if method.name in METHODS:
+WHOLE_MODEL: dict[str, Method] = {}
+"""Methods resolve runs over the whole model rather than tensor by tensor (``cross_family``):
+known to :func:`get_method` for recipe validation, absent from :data:`METHODS`."""
+
+
+def register(method: Method, *, per_tensor: bool = True) -> Method:
+    """Add ``method`` to :data:`METHODS` (or :data:`WHOLE_MODEL`); a second method of the
+    same name is a bug."""
+    if method.name in METHODS or method.name in WHOLE_MODEL:
         raise ValueError(f"merge method {method.name!r} is registered twice")
-    METHODS[method.name] = method
+    (METHODS if per_tensor else WHOLE_MODEL)[method.name] = method
     return method
 
 
@@ -394,7 +400,7 @@ def get_method(name: str) -> Method:
         UnknownMethod: no such method; the message lists the known names.
     """
     try:
-        return METHODS[name]
+        return METHODS[name] if name in METHODS else WHOLE_MODEL[name]
     except KeyError:
-        known = ", ".join(sorted(METHODS))
+        known = ", ".join(sorted(METHODS) + sorted(WHOLE_MODEL))
         raise UnknownMethod(f"unknown merge method {name!r}; known methods: {known}") from None

@@ -143,5 +143,6 @@ METHOD = register(
         params=PARAMS,
         kernel=_no_kernel,
         min_donors=1,
-    )
+    ),
+    per_tensor=False,
 )
