@@ -124,16 +124,22 @@ def run_job(job: Job) -> tuple[str, list[str]]:
             ))
             out[s:e] = round_to(merged, out.dtype).reshape(-1)
         out = out.reshape(job.shape)
+    return job.name, write_output(out, job.path, job.offset, job.piece_size)
+
+
+def write_output(out: torch.Tensor, path: str, offset: int, piece_size: int) -> list[str]:
+    """Write a finished tensor's bytes at ``offset`` of the output file; return the ids of
+    the pieces they cut into (for the checkpoint manifest)."""
     data = out.contiguous().view(torch.uint8).numpy().tobytes() if out.numel() else b""
-    fd = os.open(job.path, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY)
     try:
         view = memoryview(data)
         pos = 0
         while pos < len(view):
-            pos += os.pwrite(fd, view[pos:], job.offset + pos)
+            pos += os.pwrite(fd, view[pos:], offset + pos)
     finally:
         os.close(fd)
-    return job.name, [digest(p) for p in iter_pieces(memoryview(data), job.piece_size)]
+    return [digest(p) for p in iter_pieces(memoryview(data), piece_size)]
 
 
 #: elements per block for elementwise methods (32 MiB of float64 per input)
