@@ -15,7 +15,7 @@ from typing import Any
 from crdt_merge.errors import OutputExists, PlanError
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
-from crdt_merge.resolve import output
+from crdt_merge.resolve import cross_family, output
 from crdt_merge.resolve.execute import (
     config_num_layers,
     numeric_profile,
@@ -75,9 +75,14 @@ def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
     if "config.json" in files:
         files["config.json"] = output.transform_config(files["config.json"], the_plan.dtype)
     where = output.prepare_files(tmp, specs, max_shard_size)
-    jobs = plan_jobs(the_plan, store, manifests, where, replica.piece_size,
-                     config_num_layers(config, [s[0] for s in specs]))
-    pieces = run_jobs(jobs, workers)
+    num_layers = config_num_layers(config, [s[0] for s in specs])
+    if the_plan.method == cross_family.NAME:
+        pieces = run_jobs(cross_family.plan_jobs(the_plan, replica, manifests, where,
+                                                 replica.piece_size, num_layers),
+                          workers, cross_family.run_job)
+    else:
+        pieces = run_jobs(plan_jobs(the_plan, store, manifests, where, replica.piece_size,
+                                    num_layers), workers)
 
     tensors = {name: TensorRecord(dtype, shape, tuple(pieces[name])) for name, dtype, shape in specs}
     file_records = {name: FileRecord(len(data), tuple(digest(p) for p in iter_pieces(

@@ -1,0 +1,1 @@
+"""Tests of the cross-family method, its maths and `crdt-merge eval`."""
