@@ -122,7 +122,8 @@ def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> s
     if not decisions:
         lines.append("None: every live contribution was merged.")
     for d in decisions:
-        lines.append(f"- {d['decision']}: `{d.get('op_id', '')[:16]}` {d['detail']}")
+        op = f" `{d['op_id'][:16]}`" if d.get("op_id") else ""
+        lines.append(f"- {d['decision']}:{op} {d['detail']}")
     lines.append("")
     return "\n".join(lines)
 
