@@ -73,6 +73,8 @@ from typing import Any
 import blake3
 import torch
 
+from crdt_merge.store.objects import fsync_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MERGEKIT = ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"
 MERGEKIT_OPTIONS = ("--lazy-unpickle", "--no-copy-tokenizer")
@@ -200,14 +202,6 @@ def warm(files: Sequence[Path]) -> None:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def copy_floor(files: Sequence[Path], dest: Path) -> float:
