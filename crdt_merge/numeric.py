@@ -12,6 +12,7 @@ they may fuse multiply-add or reorder.
 
 from __future__ import annotations
 
+import numpy as np
 import torch  # crdt_merge/__init__ has set MKL_CBWR before this import
 
 from crdt_merge import NUMERIC_VERSION  # noqa: E402,F401  (re-exported)
@@ -47,43 +48,67 @@ def fixed_norm(a: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(fixed_dot(a, a))
 
 
+_LOW29 = (1 << 29) - 1
+"""The float64 significand bits below float32's."""
+
+
 def _to_float32_round_to_odd(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32 rounding to odd: truncate toward zero, then set the last bit if
-    anything was cut off. Rounding to odd first and then to nearest-even in a format at
-    least two bits narrower equals rounding once (Boldo and Melquiond, 2008)."""
+    """float64 -> float32 rounding to odd: ``x`` when it is a float32, else its float32
+    neighbour whose last significand bit is one. Rounding to odd first and then to nearest
+    even in a format at least two bits narrower equals rounding once (Boldo and Melquiond,
+    2008).
+
+    On the bit pattern (integer operations, exact on every kernel): clear the 29 bits
+    below float32's significand and set the lowest kept bit if any of them was one (it is
+    one iff ``low + (2**29 - 1)`` carries into bit 29). The result has 24 significant bits,
+    so the conversion to float32 is exact wherever float32 is normal (infinities and NaNs
+    stay what they are; beyond float32's range it overflows to infinity, as rounding
+    would). Values that land below float32's normal range are rare and take the exact
+    comparison-based rule, :func:`_round_to_odd_exact`.
+    """
+    bits = x.detach().contiguous().numpy().view(np.int64)  # numpy: fast integer kernels
+    low = np.bitwise_and(bits, _LOW29)
+    sticky = np.add(low, _LOW29)
+    np.bitwise_and(sticky, 1 << 29, out=sticky)
+    np.bitwise_xor(bits, low, out=low)  # the bits with the low 29 cleared
+    np.bitwise_or(low, sticky, out=low)
+    with np.errstate(over="ignore"):  # beyond float32's range: infinity, as intended
+        out = low.view(np.float64).astype(np.float32)
+    # zero iff the float32 is subnormal and not zero: |out bits| - 1 in [0, 2**23)
+    sub = np.bitwise_and(out.view(np.int32), 0x7FFFFFFF)
+    np.subtract(sub, 1, out=sub)
+    np.right_shift(sub, 23, out=sub)
+    result = torch.from_numpy(out).reshape(x.shape)
+    if np.count_nonzero(sub) < sub.size:
+        where = torch.from_numpy(np.flatnonzero(sub == 0))
+        flat = result.reshape(-1)
+        flat[where] = _round_to_odd_exact(x.reshape(-1)[where])
+    return result
+
+
+def _round_to_odd_exact(x: torch.Tensor) -> torch.Tensor:
+    """The same rounding as :func:`_to_float32_round_to_odd`, by comparisons: from ``f``,
+    ``x`` rounded to nearest, when ``f != x`` and ``f``'s last bit is zero the odd
+    neighbour is one ulp from ``f`` toward ``x``: bit pattern plus one when ``|x| > |f|``,
+    minus one otherwise (float magnitudes are ordered like their bit patterns, zero and
+    subnormals included). ``x - f`` is exact, so its sign tells which way."""
     f = x.to(torch.float32)
-    bits = f.view(torch.int32).clone()
-    back = f.to(torch.float64)
-    finite = torch.isfinite(x) & torch.isfinite(f)
-    overshoot = finite & (back.abs() > x.abs())
-    bits = torch.where(overshoot, bits - 1, bits)  # one ulp toward zero (same sign)
-    inexact = finite & (bits.view(torch.float32).to(torch.float64) != x)
-    bits = torch.where(inexact, bits | 1, bits)
-    return bits.view(torch.float32)
+    bits = f.view(torch.int32)
+    d = x - f.to(torch.float64)
+    fix = (d != 0) & (d == d) & ((bits & 1) == 0)  # inexact, not NaN, even
+    up = (d > 0) == (x > 0)  # |x| > |f|
+    step = fix.to(torch.int32).mul_(up.to(torch.int32).mul_(2).sub_(1))
+    return (bits + step).view(torch.float32)
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round a float64 tensor to ``dtype`` once, to nearest with ties to even.
 
     torch casts float64 to bfloat16 and float16 through float32, rounding twice, which is
-    off by one ulp in rare ties; going through float32 rounded to odd gives the correctly
-    rounded result on every kernel (all steps are elementwise).
-
-    For bfloat16 the double rounding can go wrong only where the float32 value sits exactly
-    halfway between two bfloat16 values (its low 16 bits are 0x8000); those few elements
-    are found with one bit test and rounded through round-to-odd, the rest cast directly.
-    Both give the same bits where both apply, so the fast path changes nothing but time.
+    off by one ulp where the float32 value lands exactly halfway between two values of the
+    narrow type; going through float32 rounded to odd (all steps elementwise) gives the
+    correctly rounded result on every kernel.
     """
     if dtype in (torch.float64, torch.float32) or not dtype.is_floating_point:
         return x.to(dtype)
-    x = x.to(torch.float64)
-    if dtype != torch.bfloat16:
-        return _to_float32_round_to_odd(x).to(dtype)
-    f = x.to(torch.float32)
-    halfway = (f.view(torch.int32) & 0xFFFF) == 0x8000
-    if bool(halfway.any()):
-        flat = f.reshape(-1)
-        where = halfway.reshape(-1).nonzero().squeeze(1)
-        flat[where] = _to_float32_round_to_odd(x.reshape(-1)[where])
-        f = flat.reshape(x.shape)
-    return f.to(dtype)
+    return _to_float32_round_to_odd(x.to(torch.float64)).to(dtype)

@@ -1,20 +1,26 @@
 """The method interface: parameter specs, tensor jobs, bound parameters and the registry.
 
 A :class:`Method` is plain maths behind a name. The resolver hands it one :class:`TensorJob`
-(one output tensor, float64 inputs in canonical order) and rounds what it returns. A method
-never sees the store, the op set or the order in which ops arrived.
+(one output tensor, inputs in canonical order and in their stored float dtype) and gets the
+output in the job's dtype, rounded once from float64. A method never sees the store, the op
+set or the order in which ops arrived.
+
+Every value of a bfloat16, float16 or float32 input is exactly a float64, so where the
+inputs are widened changes no bit: a *streaming* method widens a block at a time (and
+rounds its output a block at a time), the others get whole float64 tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from crdt_merge.errors import BadParameter, RecipeError, ShapeMismatch, UnknownMethod
 from crdt_merge.methods.params import Scalar, leaves, parse_scalar
+from crdt_merge.numeric import round_to
 
 Scope = Literal["global", "per_model"]
 BasePolicy = Literal["required", "optional", "ignored"]
@@ -93,12 +99,14 @@ class TensorJob:
 
     Attributes:
         name: the output tensor's name (used in error messages only).
-        base: the anchor/base tensor in float64, or ``None`` when the method takes none.
-        donors: the full donor weights in float64, in canonical order (not deltas).
+        base: the anchor/base tensor (any float dtype; its values are exact float64
+            values), or ``None`` when the method takes none.
+        donors: the full donor weights, in canonical order (not deltas), any float dtype.
         params: per-donor scalar parameters already resolved for this tensor.
         options: global parameters already resolved for this tensor.
         keys: one 32-byte key per donor for counter-based randomness (random methods only).
         layer_index, num_layers: where the tensor sits, when a method needs it.
+        out_dtype: the dtype of the result; float64 values are rounded to it once.
     """
 
     name: str
@@ -109,6 +117,7 @@ class TensorJob:
     keys: Sequence[bytes] = ()
     layer_index: int | None = None
     num_layers: int | None = None
+    out_dtype: torch.dtype = torch.float64
 
 
 @dataclass(frozen=True)
@@ -139,8 +148,12 @@ class Method:
         params: the parameters, global and per model.
         min_donors, max_donors: how many donors (non-base inputs) the method accepts.
         random: whether the method draws random masks (then ``job.keys`` is required).
-        kernel: the maths, ``kernel(job, bound) -> float64 tensor``.
+        kernel: the maths, ``kernel(job, bound) -> tensor``: float64, or already in
+            ``job.out_dtype`` (a streaming kernel rounds block by block).
         check: an optional cross-parameter rule on one donor's resolved values.
+        streaming: the kernel takes its inputs in their stored dtype and widens them a
+            block at a time (:func:`crdt_merge.methods.reduce.f64`); other kernels are
+            handed whole float64 tensors.
     """
 
     name: str
@@ -152,6 +165,7 @@ class Method:
     max_donors: int | None = None
     random: bool = False
     check: Check | None = field(default=None, repr=False)
+    streaming: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -321,7 +335,7 @@ class Method:
         return spec.coerce(raw, f"{self.name} {where}")
 
     def merge(self, job: TensorJob) -> torch.Tensor:
-        """Merge one tensor; float64 in, float64 out, same shape as the inputs.
+        """Merge one tensor: the float64 result rounded once to ``job.out_dtype``.
 
         Raises:
             RecipeError: a base is missing where the method needs one.
@@ -332,8 +346,11 @@ class Method:
         bound = self.bind(job)
         first = job.donors[0] if job.donors else job.base
         if first is not None and first.numel() == 0:
-            return torch.empty(first.shape, dtype=torch.float64)  # nothing to merge
-        return self.kernel(job, bound)
+            return torch.empty(first.shape, dtype=job.out_dtype)  # nothing to merge
+        if not self.streaming:
+            job = replace(job, base=_widen(job.base), donors=tuple(_widen(x) for x in job.donors))
+        out = self.kernel(job, bound)
+        return out if out.dtype == job.out_dtype else round_to(out, job.out_dtype)
 
     def _check_job(self, job: TensorJob) -> None:
         if self.base == "required" and job.base is None:
@@ -351,8 +368,10 @@ class Method:
         if job.base is not None and self.base != "ignored":
             tensors.insert(0, job.base)
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.float64:
-                raise TypeError(f"{job.name}: methods take float64 tensors, got {_dtype(t)}")
+            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{job.name}: methods take float tensors, got {_dtype(t)}")
+        if job.out_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{job.name}: the output dtype must be a float, got {job.out_dtype}")
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise ShapeMismatch(
@@ -367,6 +386,14 @@ class Method:
                     f"{job.name}: {self.name} draws random masks and needs one 32-byte key "
                     f"per donor ({len(job.donors)}), got {len(job.keys)}"
                 )
+
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+"""Input and output dtypes: every value of each is exactly a float64."""
+
+
+def _widen(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == torch.float64 else t.to(torch.float64)
 
 
 def _dtype(t: object) -> str:

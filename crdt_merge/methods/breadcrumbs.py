@@ -50,6 +50,7 @@ BREADCRUMBS = register(
         base="required",
         params=gta_params(normalize=False, rescale=False) + (GAMMA,),
         kernel=_breadcrumbs,
+        streaming=True,
         min_donors=0,
     )
 )
@@ -61,6 +62,7 @@ BREADCRUMBS_TIES = register(
         base="required",
         params=gta_params(normalize=False, rescale=False) + (GAMMA,),
         kernel=_breadcrumbs_ties,
+        streaming=True,
         min_donors=0,
     )
 )

@@ -46,6 +46,7 @@ DARE_TIES = register(
         base="required",
         params=gta_params(normalize=False, rescale=True),
         kernel=_dare_ties,
+        streaming=True,
         min_donors=0,
         random=True,
     )
@@ -58,6 +59,7 @@ DARE_LINEAR = register(
         base="required",
         params=gta_params(normalize=False, rescale=True),
         kernel=_dare_linear,
+        streaming=True,
         min_donors=0,
         random=True,
     )

@@ -33,11 +33,12 @@ def _linear(job: TensorJob, bound: Bound) -> torch.Tensor:
 
     def block(s: int, e: int) -> torch.Tensor:
         acc = torch.zeros(e - s, dtype=torch.float64)
+        term = torch.empty(e - s, dtype=torch.float64)
         for x, w in zip(xs, weights, strict=True):
-            acc = acc + x[s:e] * w
-        return acc / total if normalize else acc
+            acc.add_(term.copy_(x[s:e]).mul_(w))  # acc + widen(x) * w, each op rounded
+        return acc.div_(total) if normalize else acc
 
-    return map_blocks(xs[0].numel(), block).reshape(shape)
+    return map_blocks(xs[0].numel(), block, dtype=job.out_dtype).reshape(shape)
 
 
 LINEAR = register(
@@ -51,5 +52,6 @@ LINEAR = register(
         ),
         kernel=_linear,
         min_donors=1,
+        streaming=True,
     )
 )

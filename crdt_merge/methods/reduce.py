@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from crdt_merge.numeric import fixed_sum
+from crdt_merge.numeric import fixed_sum, round_to
 
 BLOCK = 1 << 16
 """Elements per block (512 KiB of float64): measured fastest here, and no temporary ever
@@ -42,12 +42,29 @@ def blocks(n: int, block: int | None = None) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + block)
 
 
-def map_blocks(n: int, fn: Values, block: int | None = None) -> torch.Tensor:
-    """A new flat float64 tensor of ``n`` elements whose block ``[s, e)`` is ``fn(s, e)``."""
-    out = torch.empty(n, dtype=torch.float64)
+def map_blocks(n: int, fn: Values, block: int | None = None,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A new flat tensor of ``n`` elements whose block ``[s, e)`` is ``fn(s, e)`` (float64)
+    rounded once to ``dtype``."""
+    out = torch.empty(n, dtype=dtype)
     for s, e in blocks(n, block):
-        out[s:e] = fn(s, e)
+        put(out, s, fn(s, e))
     return out
+
+
+def f64(x: torch.Tensor, start: int, stop: int, step: int = 1) -> torch.Tensor:
+    """Elements ``[start:stop:step]`` of the flat tensor ``x`` widened (exactly) to float64.
+
+    A float64 ``x`` gives a view, not a copy: never modify the result in place."""
+    block = x[start:stop:step]
+    return block if block.dtype == torch.float64 else block.to(torch.float64)
+
+
+def put(out: torch.Tensor, start: int, value: torch.Tensor) -> None:
+    """Write the float64 block ``value`` at ``out[start:]``, rounded once to ``out``'s dtype
+    (rounding is elementwise, so block by block gives the bits of the whole)."""
+    stop = start + value.numel()
+    out[start:stop] = value if out.dtype == torch.float64 else round_to(value, out.dtype)
 
 
 def tree_sum(values: Values, n: int, block: int | None = None) -> float:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
-from crdt_merge.methods.reduce import blocks
+from crdt_merge.methods.reduce import blocks, f64, map_blocks, put
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep, l1_rescale
 
@@ -83,7 +83,7 @@ def merge_task_vectors(
     donors = [x.reshape(-1) for x in job.donors]
     n = base.numel()
     if not donors:
-        return job.base.clone()
+        return map_blocks(n, lambda s, e: f64(base, s, e), dtype=job.out_dtype).reshape(shape)
     weights = [float(w) for w in bound.column("weight")]
     opts = bound.options
 
@@ -94,10 +94,10 @@ def merge_task_vectors(
         if sparsifier is not None:
 
             def mags(s: int, e: int, step: int = 1, x: torch.Tensor = x) -> torch.Tensor:
-                return (x[s:e:step] - base[s:e:step]).abs()
+                return torch.sub(f64(x, s, e, step), f64(base, s, e, step)).abs_()
 
             def delta_of(x: torch.Tensor = x) -> torch.Tensor:
-                return (x - base).reshape(shape)
+                return torch.sub(f64(x, 0, n), f64(base, 0, n)).reshape(shape)
 
             keep = sparsifier(i, mags, delta_of, job, bound)
             scale = l1_rescale(mags, keep, n) if keep is not None and opts["rescale"] else 1.0
@@ -114,12 +114,12 @@ def merge_task_vectors(
     if abs(total_w) < DIVISOR_EPS:
         total_w = 1.0
 
-    out = torch.empty(n, dtype=torch.float64)
+    out = torch.empty(n, dtype=job.out_dtype)
     for s, e in blocks(n):
-        b = base[s:e]
+        b = f64(base, s, e)
         vs = []
         for x, keep, scale, w in zip(donors, keeps, scales, weights, strict=True):
-            v = torch.sub(x[s:e], b)
+            v = torch.sub(f64(x, s, e), b)
             if keep is not None:
                 v = keep.apply(v, s)  # dropped entries become zero
                 if scale != 1.0:
@@ -145,7 +145,7 @@ def merge_task_vectors(
                 mixed.div_(total_w)
         if lam != 1.0:
             mixed.mul_(lam)
-        torch.add(b, mixed, out=out[s:e])
+        put(out, s, mixed.add_(b))  # b + m
     return out.reshape(shape)
 
 
@@ -161,5 +161,6 @@ TASK_ARITHMETIC = register(
         params=gta_params(normalize=False, rescale=False),
         kernel=_task_arithmetic,
         min_donors=0,
+        streaming=True,
     )
 )

@@ -38,6 +38,7 @@ TIES = register(
         base="required",
         params=gta_params(normalize=True, rescale=False),
         kernel=_ties,
+        streaming=True,
         min_donors=0,
     )
 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crdt_merge.errors import OutputExists, PlanError
+from crdt_merge.errors import OutputExists, PieceCorrupt, PieceMissing, PlanError
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import cross_family, output
@@ -81,8 +81,12 @@ def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
                                                  replica.piece_size, num_layers),
                           workers, cross_family.run_job)
     else:
-        pieces = run_jobs(plan_jobs(the_plan, store, manifests, where, replica.piece_size,
-                                    num_layers), workers)
+        jobs = plan_jobs(the_plan, store, manifests, where, replica.piece_size, num_layers)
+        try:
+            pieces = run_jobs(jobs, workers)
+        except (PieceCorrupt, PieceMissing) as exc:  # read on a worker thread: index here
+            store.index.want([exc.piece_id])
+            raise
 
     tensors = {name: TensorRecord(dtype, shape, tuple(pieces[name])) for name, dtype, shape in specs}
     file_records = {name: FileRecord(len(data), tuple(digest(p) for p in iter_pieces(

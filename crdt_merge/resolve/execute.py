@@ -12,12 +12,21 @@ never a hash of files.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import multiprocessing
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,15 +34,17 @@ from typing import Any
 import torch
 
 from crdt_merge import ENGINE
+from crdt_merge.errors import PieceMissing, ShapeMismatch
 from crdt_merge.hashing import digest
 from crdt_merge.methods import TensorJob, get_method
 from crdt_merge.methods.params import resolve_param
-from crdt_merge.numeric import NUMERIC_VERSION, round_to
+from crdt_merge.numeric import NUMERIC_VERSION
 from crdt_merge.resolve.plan import MergePlan
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import Manifest, TensorRecord
+from crdt_merge.store.objects import ObjectFiles
 from crdt_merge.store.safetensors_io import iter_pieces
-from crdt_merge.store.tensors import TORCH_DTYPES, load_tensor
+from crdt_merge.store.tensors import TORCH_DTYPES
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
@@ -86,81 +97,118 @@ def _stream_key(seed: str, name: str, op_id: str) -> bytes:
 
 
 def run_job(job: Job) -> tuple[str, list[str]]:
-    """Compute one output tensor, write it into the output file, return its piece ids."""
-    torch.set_num_threads(1)
-    store = _store(job.store)
+    """Compute one output tensor, write it into the output file, return its piece ids.
+
+    Runs on a worker thread (or a worker process): it reads only object files, each piece
+    verified against its id, never the replica's SQLite index (checked beforehand by
+    :func:`require_pieces`)."""
+    files = ObjectFiles(Path(job.store))
     wire = job.plan_wire
     contributions = wire["contributions"]
     if job.out_dtype not in ("F16", "BF16", "F32", "F64"):
         # integer buffers and the like are not merged: the base's (or first donor's) bytes
-        out = load_tensor(store, job.base if job.base is not None else job.donors[0])
+        out = read_tensor(files, job.base if job.base is not None else job.donors[0])
     else:
         method = get_method(wire["method"])
         layer = layer_index(job.name)
         params = tuple(_resolved(c["params"], job.name, layer, job.num_layers)
                        for c in contributions)
         options = _resolved(wire["params"], job.name, layer, job.num_layers)
-        # inputs stay in their stored dtype; float64 copies are made a block at a time
-        # where the method is elementwise, else for the whole tensor
-        base_raw = load_tensor(store, job.base) if job.base is not None else None
-        donors_raw = [load_tensor(store, rec) for rec in job.donors]
-        n = _numel(job.shape)
-        step = BLOCK if _elementwise(wire["method"], params, options) else max(n, 1)
-        out = torch.empty(job.shape, dtype=TORCH_DTYPES[job.out_dtype]).reshape(-1)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            base = base_raw.reshape(-1)[s:e].to(torch.float64) if base_raw is not None else None
-            donors = []
-            for raw, form in zip(donors_raw, job.forms, strict=True):
-                t = raw.reshape(-1)[s:e].to(torch.float64)
-                donors.append(base + t if form == "delta" and base is not None else t)
-            shape = job.shape if step >= n else (e - s,)
-            merged = method.merge(TensorJob(
-                name=job.name, base=None if method.base == "ignored" else _shaped(base, shape),
-                donors=tuple(d.reshape(shape) for d in donors), params=params, options=options,
-                keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, c["op_id"])
-                           for c in contributions),
-                layer_index=layer, num_layers=job.num_layers,
-            ))
-            out[s:e] = round_to(merged, out.dtype).reshape(-1)
-        out = out.reshape(job.shape)
+        # inputs stay in their stored dtype: the method widens them (exactly) to float64,
+        # a block at a time where it streams, and rounds its result once to the output dtype
+        base = read_tensor(files, job.base) if job.base is not None else None
+        donors = []
+        for rec, form in zip(job.donors, job.forms, strict=True):
+            t = read_tensor(files, rec)
+            if form == "delta" and base is not None:
+                t = base.to(torch.float64) + t.to(torch.float64)
+            donors.append(t)
+        out = method.merge(TensorJob(
+            name=job.name, base=None if method.base == "ignored" else base,
+            donors=tuple(donors), params=params, options=options,
+            keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, c["op_id"])
+                       for c in contributions),
+            layer_index=layer, num_layers=job.num_layers,
+            out_dtype=TORCH_DTYPES[job.out_dtype],
+        ))
     return job.name, write_output(out, job.path, job.offset, job.piece_size)
+
+
+def read_tensor(files: ObjectFiles, record: TensorRecord) -> torch.Tensor:
+    """A stored tensor in its own dtype, each piece verified as it is read (object files
+    only, so safe on any thread).
+
+    Raises:
+        PieceMissing, PieceCorrupt: a piece is gone or fails its hash (then quarantined).
+        ShapeMismatch: the pieces do not add up to the record's size, or an unknown dtype.
+    """
+    dtype = TORCH_DTYPES.get(record.dtype)
+    if dtype is None:
+        raise ShapeMismatch(f"dtype {record.dtype} is not supported in merges")
+    raw = torch.empty(record.nbytes, dtype=torch.uint8)
+    view = memoryview(raw.numpy()).cast("B")
+    pos = 0
+    for piece_id in record.pieces:
+        if pos >= record.nbytes:
+            raise ShapeMismatch(f"more pieces than the record's {record.nbytes} bytes need")
+        pos += files.read_into(piece_id, view[pos:])
+    if pos != record.nbytes:
+        raise ShapeMismatch(f"pieces hold {pos} bytes, the record says {record.nbytes}")
+    return raw.view(dtype).reshape(record.shape)
+
+
+def require_pieces(store: LocalStore, records: Iterable[TensorRecord | None]) -> None:
+    """Every piece the records name is in the replica's index.
+
+    Raises:
+        PieceMissing: one is not (all missing ones go on the wanted list for the next sync).
+    """
+    missing = store.missing({p for rec in records if rec is not None for p in rec.pieces})
+    if missing:
+        store.index.want(sorted(missing))
+        raise PieceMissing(min(missing))
 
 
 def write_output(out: torch.Tensor, path: str, offset: int, piece_size: int) -> list[str]:
     """Write a finished tensor's bytes at ``offset`` of the output file; return the ids of
     the pieces they cut into (for the checkpoint manifest)."""
-    data = out.contiguous().view(torch.uint8).numpy().tobytes() if out.numel() else b""
+    flat = out.contiguous().reshape(-1)
+    data = (memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel()
+            else memoryview(b""))
     fd = os.open(path, os.O_WRONLY)
     try:
-        view = memoryview(data)
         pos = 0
-        while pos < len(view):
-            pos += os.pwrite(fd, view[pos:], offset + pos)
+        while pos < len(data):
+            pos += os.pwrite(fd, data[pos:], offset + pos)
+        start_writeback(fd, offset, len(data))
     finally:
         os.close(fd)
-    return [digest(p) for p in iter_pieces(memoryview(data), piece_size)]
+    return [digest(p) for p in iter_pieces(data, piece_size)]
 
 
-#: elements per block for elementwise methods (32 MiB of float64 per input)
-BLOCK = 1 << 22
+_SYNC_FILE_RANGE_WRITE = 2
 
 
-def _shaped(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    return None if t is None else t.reshape(shape)
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask Linux to start writing a range of a file to disk now (``sync_file_range`` with
+    ``SYNC_FILE_RANGE_WRITE``: asynchronous, no durability promise), so that the fsync of
+    the finished checkpoint waits for less. A no-op where the call does not exist."""
+    fn = _sync_file_range()
+    if fn is not None and length:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-def _elementwise(method: str, params: Sequence[Mapping[str, Any]],
-                 options: Mapping[str, Any]) -> bool:
-    """Whether output element i depends on input elements i only, so the tensor may be
-    merged block by block with the same bytes: linear always; task arithmetic when
-    nothing is sparsified (a density below 1 ranks magnitudes over the whole tensor)."""
-    if method == "linear":
-        return True
-    if method == "task_arithmetic":
-        densities = [p.get("density", options.get("density", 1.0)) for p in params]
-        return all(isinstance(d, (int, float)) and float(d) >= 1.0 for d in densities)
-    return False
+@functools.cache
+def _sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
@@ -175,36 +223,49 @@ def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
     return out
 
 
-#: below this many output elements in all, starting worker processes costs more than it saves
+#: below this many output elements in all, a second worker costs more than it saves
 IN_PROCESS_BELOW = 4 * 1024 * 1024
 
 
 def run_jobs(jobs: Sequence[Any], workers: int | None = None,
              runner: Callable[[Any], tuple[str, list[str]]] | None = None) -> dict[str, list[str]]:
-    """Run jobs, biggest first, on ``workers`` processes (one: in this process). By default,
-    one worker per core, or this process alone for a small model. Where a job runs never
-    changes its bytes. ``runner`` (default :func:`run_job`) is a module-level function of
-    one job, such as the cross-family method's."""
-    runner = runner or run_job
+    """Run jobs, biggest first, on ``workers`` threads of this process (one: this thread),
+    every job with one torch thread. By default, one worker per core, or one for a small
+    model. Where or when a job runs never changes its bytes.
+
+    ``runner`` (default :func:`run_job`) is a module-level function of one job; another
+    runner (the cross-family method's) runs in worker processes instead, each with its own
+    torch and LAPACK state.
+    """
     if workers is None:
         small = sum(_numel(j.shape) for j in jobs) < IN_PROCESS_BELOW
         workers = 1 if small else default_workers()
     order = sorted(jobs, key=lambda j: -_numel(j.shape))
-    if workers <= 1 or len(jobs) <= 1:
-        threads = torch.get_num_threads()
-        try:
-            return dict(runner(j) for j in order)
-        finally:
-            torch.set_num_threads(threads)
-    # The two biggest tensors (embeddings, lm_head) should not be in memory at once: a job
-    # starts only while the jobs running plus it stay within the biggest job's size
-    # (times 1.25, so small jobs still fill the other workers).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # worker threads take it up too: one torch thread per job
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            return dict((runner or run_job)(j) for j in order)
+        if runner is None:
+            with ThreadPoolExecutor(workers, thread_name_prefix="crdt-merge-job") as pool:
+                return _schedule(pool, run_job, order, workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return _schedule(pool, runner, order, workers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _schedule(pool: Executor, runner: Callable[[Any], tuple[str, list[str]]],
+              order: list[Any], workers: int) -> dict[str, list[str]]:
+    """Submit the jobs (biggest first) within a memory budget. The two biggest tensors
+    (embeddings, lm_head) should not be in memory at once: a job starts only while the
+    jobs running plus it stay within the biggest job's size times 1.25, so small jobs still
+    fill the other workers."""
     budget = 1.25 * _numel(order[0].shape)
-    ctx = multiprocessing.get_context("spawn")
     results: dict[str, list[str]] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        running: dict[Any, int] = {}
-        queue = list(order)
+    running: dict[Any, int] = {}
+    queue = list(order)
+    try:
         while queue or running:
             while queue and len(running) < workers and (
                     not running or sum(running.values()) + _numel(queue[0].shape) <= budget):
@@ -215,6 +276,9 @@ def run_jobs(jobs: Sequence[Any], workers: int | None = None,
                 del running[future]
                 name, pieces = future.result()
                 results[name] = pieces
+    finally:
+        for future in running:
+            future.cancel()
     return results
 
 
@@ -247,6 +311,7 @@ def plan_jobs(plan: MergePlan, store: LocalStore, manifests: Mapping[str, Manife
             shape=rec.shape, path=path, offset=offset, piece_size=piece_size,
             num_layers=num_layers,
         ))
+    require_pieces(store, [r for j in jobs for r in (j.base, *j.donors)])
     return jobs
 
 

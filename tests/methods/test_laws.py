@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crdt_merge.methods import METHODS
-from tests.methods.helpers import run, same_bits, tensor
+from crdt_merge.methods import METHODS, TensorJob, reduce
+from crdt_merge.numeric import round_to
+from tests.methods.helpers import keys, run, same_bits, tensor
 
 GRID = [x / 4 for x in range(-4, 5)]  # -1 .. 1 in quarters: exact, tie-rich
 
@@ -282,3 +283,36 @@ def test_every_method_handles_odd_shapes(shape) -> None:
             out = run(name, None if m.base == "ignored" else base, donors[:count], params, options)
             assert out.shape == base.shape and out.dtype == torch.float64, (name, options)
             assert bool(torch.isfinite(out).all()), (name, options)
+
+
+@pytest.mark.parametrize("stored, out", [(torch.bfloat16, torch.bfloat16),
+                                         (torch.float16, torch.float32),
+                                         (torch.float32, torch.float16)])
+def test_inputs_in_their_stored_dtype_and_rounding_inside_change_no_bit(
+        stored: torch.dtype, out: torch.dtype, monkeypatch) -> None:
+    """Every method given inputs in their stored dtype and an output dtype (streaming
+    methods widen and round a block at a time) gives the bits of widening to float64 first
+    and rounding the float64 result once afterwards, whatever the block size."""
+    base64 = tensor("b", (37, 11), 0.05).to(stored).to(torch.float64)
+    donors64 = [(base64 + tensor(f"d{i}", (37, 11), 0.01)).to(stored).to(torch.float64)
+                for i in range(3)]
+    for name, m in sorted(METHODS.items()):
+        count = {"slerp": 1, "passthrough": 1, "nuslerp": 2}.get(name, 3)
+        names = {p.name for p in m.params}
+        params = [
+            {k: v for k, v in (("weight", str(0.3 + 0.2 * i)), ("density", "0.6"))
+             if k in names} for i in range(count)
+        ]
+        options = {"t": "0.4"} if name == "slerp" else {}
+        base = None if m.base == "ignored" else base64
+        want = round_to(run(name, base, donors64[:count], params, options), out)
+        for block in (8, 1 << 16):
+            monkeypatch.setattr(reduce, "BLOCK", block)
+            job = TensorJob(
+                name="model.layers.0.mlp.weight",
+                base=None if base is None else base.to(stored),
+                donors=[d.to(stored) for d in donors64[:count]], params=params,
+                options=options, keys=keys(count) if m.random else [], out_dtype=out)
+            got = m.merge(job)
+            assert got.dtype == out, name
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (name, block)
