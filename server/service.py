@@ -70,7 +70,7 @@ class Service:
         r = self.replica
         root = r.state_root()
         try:
-            from crdt_merge.resolve import execute, plan
+            from crdt_merge.resolve import checkpoint_key, execute, plan
             from crdt_merge.resolve.execute import numeric_profile
         except ImportError as exc:
             return {"state_root": root, "checkpoint_id": None, "plan_id": None,
@@ -84,10 +84,10 @@ class Service:
                         "numeric_profile": numeric_profile(), "files": [],
                         "detail": exc.detail}
             out = self.checkpoint_dir / the_plan.id
-            cached = r.store.index.get_meta(f"checkpoint:{the_plan.id}")
+            cached = r.store.index.get_meta(checkpoint_key(the_plan.id))
             if cached is None or not out.is_dir():
                 result = execute(r, the_plan, out)
-                r.store.index.set_meta(f"checkpoint:{the_plan.id}", result.checkpoint_id.encode())
+                r.store.index.set_meta(checkpoint_key(the_plan.id), result.checkpoint_id.encode())
                 cached = result.checkpoint_id.encode()
             checkpoint_id = cached.decode()
             self._resolved[the_plan.state_root or root] = (the_plan.id, checkpoint_id)

@@ -257,13 +257,13 @@ def cmd_plan(args: Any) -> tuple[int, Any]:
 
 
 def cmd_resolve(args: Any) -> tuple[int, Any]:
-    from crdt_merge.resolve import resolve, resolve_recorded
+    from crdt_merge.resolve import checkpoint_key, resolve, resolve_recorded
     with Replica.open(args.dir) as r:
         if args.plan:
             result = resolve_recorded(r, args.plan, args.out, workers=args.workers)
         else:
             result = resolve(r, args.out, workers=args.workers, max_shard_size=args.max_shard_size)
-        r.store.index.set_meta(f"checkpoint:{result.plan_id}", result.checkpoint_id.encode())
+        r.store.index.set_meta(checkpoint_key(result.plan_id), result.checkpoint_id.encode())
         payload = result.to_json()
         payload["text"] = (f"checkpoint {result.checkpoint_id}\nplan {result.plan_id}\n"
                            f"state root {result.state_root}\nwritten to {result.out}")
@@ -272,18 +272,18 @@ def cmd_resolve(args: Any) -> tuple[int, Any]:
 
 def checkpoint_of(r: Replica) -> dict[str, Any]:
     """The replica's checkpoint id for its current plan (resolving it once if needed)."""
-    from crdt_merge.resolve import plan, resolve
+    from crdt_merge.resolve import checkpoint_key, plan, resolve
     from crdt_merge.resolve.execute import numeric_profile
     try:
         p = plan(r)
     except PlanError as exc:
         return {"state_root": r.state_root(), "checkpoint_id": None, "plan_id": None,
                 "detail": exc.detail, "numeric_profile": numeric_profile()}
-    cached = r.store.index.get_meta(f"checkpoint:{p.id}")
+    cached = r.store.index.get_meta(checkpoint_key(p.id))
     if cached is None:
         with tempfile.TemporaryDirectory() as tmp:
             result = resolve(r, Path(tmp) / "out")
-        r.store.index.set_meta(f"checkpoint:{p.id}", result.checkpoint_id.encode())
+        r.store.index.set_meta(checkpoint_key(p.id), result.checkpoint_id.encode())
         cached = result.checkpoint_id.encode()
     return {"state_root": r.state_root(), "checkpoint_id": cached.decode(), "plan_id": p.id,
             "numeric_profile": numeric_profile()}

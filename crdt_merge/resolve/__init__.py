@@ -28,9 +28,17 @@ from crdt_merge.store.importer import read_file
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
 from crdt_merge.store.safetensors_io import iter_pieces
 
-__all__ = ["MergePlan", "Resolved", "plan", "resolve", "execute"]
+__all__ = ["MergePlan", "Resolved", "checkpoint_key", "plan", "resolve", "execute"]
 
 MANIFEST_FILE = "merge_manifest.json"
+
+
+def checkpoint_key(plan_id: str) -> str:
+    """The replica metadata key under which a resolved checkpoint id is cached: the plan
+    id and this process's numeric profile, so a checkpoint computed under another profile
+    (another torch or MKL, another ``MKL_CBWR``) is never reported as this one's."""
+    profile = digest(json.dumps(numeric_profile(), sort_keys=True).encode())
+    return f"checkpoint:{plan_id}:{profile[:16]}"
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,23 @@ def layer_index(name: str) -> int | None:
 
 
 def numeric_profile() -> dict[str, str]:
-    """What the bytes of a checkpoint may depend on beyond the plan (DESIGN section 4)."""
+    """What the bytes of a checkpoint may depend on beyond the plan (DESIGN section 4):
+    elementwise work is exact everywhere, but the cross-family method's SVDs and products
+    go through the BLAS/LAPACK build torch ships (its version) and MKL's reproducibility
+    mode (``MKL_CBWR``, set to COMPATIBLE by this package unless the user set it)."""
     import platform
 
     return {"engine": ENGINE, "numeric": NUMERIC_VERSION, "torch": torch.__version__,
             "blas": "mkl" if torch.backends.mkl.is_available() else "none",
+            "mkl": _mkl_version(), "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
             "arch": platform.machine()}
+
+
+@functools.cache
+def _mkl_version() -> str:
+    """MKL's version as torch reports it (``2024.2-Product Build 20240605``), or ``""``."""
+    m = re.search(r"Math Kernel Library Version ([^ ]+(?: Build \d+)?)", torch.__config__.show())
+    return m.group(1) if m else ""
 
 
 _STORES: dict[str, LocalStore] = {}

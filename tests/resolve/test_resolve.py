@@ -269,3 +269,23 @@ def test_blockwise_execution_gives_the_same_bytes(replicas, models, tmp_path: Pa
     blocks = resolve(a, tmp_path / "blocks", workers=1)
     assert blocks.checkpoint_id == whole.checkpoint_id
     assert (whole.out / "model.safetensors").read_bytes() == (blocks.out / "model.safetensors").read_bytes()
+
+
+def test_cached_checkpoints_are_keyed_by_numeric_profile() -> None:
+    """A checkpoint id cached by a process with another numeric profile (here another
+    MKL_CBWR) is not reported as this profile's; the profile names MKL's version."""
+    code = ("import json; from crdt_merge.resolve import checkpoint_key; "
+            "from crdt_merge.resolve.execute import numeric_profile; "
+            "print(json.dumps([checkpoint_key('ab' * 32), numeric_profile()]))")
+
+    def run(cbwr: str) -> list:
+        env = {**os.environ, "MKL_CBWR": cbwr}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True)
+        return json.loads(done.stdout)
+
+    (key_a, profile_a), (key_b, profile_b) = run("COMPATIBLE"), run("AVX2")
+    assert run("COMPATIBLE")[0] == key_a
+    assert key_a != key_b and key_a.startswith("checkpoint:" + "ab" * 32)
+    assert (profile_a["mkl_cbwr"], profile_b["mkl_cbwr"]) == ("COMPATIBLE", "AVX2")
+    assert profile_a["mkl"] == profile_b["mkl"] != ""
