@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.add_argument("--out", required=True)
     c.add_argument("--plan", metavar="MERGE_MANIFEST", help="re-derive a recorded checkpoint")
-    c.add_argument("--workers", type=int, help="worker processes (default: CPU count)")
+    c.add_argument("--workers", type=int, help="worker threads (default: CPU count, at most 8)")
     c.add_argument("--max-shard-size", type=int, default=5 * 1024**3)
 
     c = cmd("verify", "check that replicas hold the same state and checkpoint")

@@ -1,10 +1,11 @@
 """execute: run a plan tensor by tensor and render the checkpoint folder.
 
-Each tensor is one job: read the base and donor tensors from the store (pieces verified),
-widen to float64, call the method, round once to the output dtype, write the bytes at their
-place in the output file and hash them into pieces. Jobs run in worker processes with one
-torch thread each (parallelism is across tensors, never inside a reduction), so the output
-bytes do not depend on the number of workers; memory is a few tensors per worker.
+Each tensor is one job: read the base and donor tensors from the store in their stored
+dtype (pieces verified), let the method compute in float64 and round once to the output
+dtype (streaming methods a block at a time), write the bytes at their place in the output
+file and hash them into pieces. Jobs run on worker threads, each with one torch thread
+(parallelism is across tensors, never inside an operation), so the output bytes do not
+depend on the number of workers; memory is a few tensors per worker.
 
 The checkpoint id is the id of the output manifest (tensor records + config + tokenizer),
 never a hash of files.
