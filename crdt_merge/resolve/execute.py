@@ -271,17 +271,23 @@ def _schedule(pool: Executor, runner: Callable[[Any], tuple[str, list[str]]],
               order: list[Any], workers: int) -> dict[str, list[str]]:
     """Submit the jobs (biggest first) within a memory budget. The two biggest tensors
     (embeddings, lm_head) should not be in memory at once: a job starts only while the
-    jobs running plus it stay within the biggest job's size times 1.25, so small jobs still
-    fill the other workers."""
+    jobs running plus it stay within the biggest job's size times 1.25; meanwhile smaller
+    jobs fill the other workers."""
     budget = 1.25 * _numel(order[0].shape)
     results: dict[str, list[str]] = {}
     running: dict[Any, int] = {}
     queue = list(order)
     try:
         while queue or running:
-            while queue and len(running) < workers and (
-                    not running or sum(running.values()) + _numel(queue[0].shape) <= budget):
-                job = queue.pop(0)
+            while queue and len(running) < workers:
+                # the biggest waiting job that fits beside the running ones (a big job
+                # waiting must not idle the other workers)
+                room = budget - sum(running.values())
+                pick = next((i for i, j in enumerate(queue)
+                             if not running or _numel(j.shape) <= room), None)
+                if pick is None:
+                    break
+                job = queue.pop(pick)
                 running[pool.submit(runner, job)] = _numel(job.shape)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
