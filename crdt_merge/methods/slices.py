@@ -7,11 +7,13 @@ comes from layer ``start + i`` of each of the slice's sources. With ``passthroug
 slice has one source, so each output tensor is a copy (frankenmerges, depth up-scaling);
 with another method the sources of a slice are merged layer by layer.
 
-Tensors outside the layers follow mergekit: those before the layers (embeddings) come from
-the first slice's sources, all others (final norm, lm_head) from the last slice's.
+Tensors outside the layers follow mergekit 0.1.5 (``MergePlanner.plan_module``): those
+before the layers (embeddings) come from the first slice's sources and take its parameters,
+all others (final norm, lm_head) the last slice's.
 
 The gradient position of a layer tensor (see :func:`crdt_merge.methods.params.layer_t`) is
-its offset ``i`` in its slice of ``end - start`` layers; other tensors have ``t = 0``.
+its offset ``i`` in its slice of ``end - start`` layers (``t = i / (L - 1)``, ``t = 1`` in a
+one-layer slice, as ``MergePlanner.plan_slice``); other tensors have ``t = 0``.
 
 Everything here is a pure function of the slices and the models' tensor names.
 """
@@ -47,7 +49,8 @@ class OutputTensor:
             slice's source order.
         layer_index: its offset inside its output slice (``None`` outside the layers).
         num_layers: the length of that slice (``None`` outside the layers).
-        slice_index: which output slice it belongs to (``None`` outside the layers).
+        slice_index: which output slice it belongs to; for a tensor outside the layers,
+            the slice whose sources (and parameters) it takes: the first or the last.
     """
 
     name: str
@@ -103,9 +106,19 @@ def _sources(
         raise BadParameter(f"slice #{number}: {sorted(unsupported)} is not supported yet")
     order = list(models)
     out = []
-    for src in spec["sources"]:
+    sources = spec["sources"]
+    if not isinstance(sources, Sequence) or isinstance(sources, str):
+        raise BadParameter(f"slice #{number}: 'sources' must be a list")
+    for src in sources:
+        if not isinstance(src, Mapping):
+            raise BadParameter(f"slice #{number}: a source is a mapping {{model, layer_range}}")
+        extra = set(src) - {"model", "layer_range"}
+        if extra:
+            raise BadParameter(
+                f"slice #{number}: source key(s) {sorted(extra)} are not supported yet"
+            )
         model, rng = src.get("model"), src.get("layer_range")
-        if model not in models:
+        if not isinstance(model, str) or model not in models:
             raise BadParameter(f"slice #{number} names model {model!r}, which is not in the recipe")
         if (
             not isinstance(rng, Sequence)
@@ -116,6 +129,11 @@ def _sources(
         out.append((order.index(model), int(rng[0]), int(rng[1])))
     if not out:
         raise BadParameter(f"slice #{number} has no sources")
+    names = [order[model] for model, _, _ in out]
+    if len(set(names)) != len(names):
+        raise BadParameter(
+            f"slice #{number} names one model twice; a slice merges different models"
+        )
     if len({end - start for _, start, end in out}) != 1:
         raise BadParameter(f"slice #{number}: all sources must span the same number of layers")
     return out
@@ -157,7 +175,9 @@ def plan_slices(
             for model, _, _ in plan[k]:
                 if t not in layers[order[model]].outside:
                     raise BadParameter(f"model {order[model]!r} has no tensor {t!r}")
-            out.append(OutputTensor(t, tuple((model, t) for model, _, _ in plan[k])))
+            out.append(
+                OutputTensor(t, tuple((model, t) for model, _, _ in plan[k]), slice_index=k)
+            )
 
     outside(0, is_pre)
     produced = 0

@@ -60,15 +60,31 @@ class Resolved:
 def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
             workers: int | None = None,
             max_shard_size: int = output.DEFAULT_SHARD_SIZE) -> Resolved:
-    """Compute ``the_plan`` from the replica's store into the folder ``out`` (replaced)."""
+    """Compute ``the_plan`` from the replica's store into the folder ``out`` (replaced).
+    When it fails (a corrupt or missing piece, say), nothing is left behind: no ``out``,
+    no partial folder."""
     out = Path(out)
+    try:
+        return _execute(replica, the_plan, out, workers=workers, max_shard_size=max_shard_size)
+    except OutputExists:
+        raise  # raised before anything was written; a partial folder there is not ours
+    except BaseException:
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
+        raise
+
+
+def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int | None,
+             max_shard_size: int) -> Resolved:
     if out.exists() and (not out.is_dir() or (any(out.iterdir())
                                              and not (out / MANIFEST_FILE).is_file())):
         raise OutputExists(str(out))  # never replace a folder resolve did not write
     store = replica.store
     ids = ([the_plan.base] if the_plan.base else []) + [c.manifest for c in the_plan.contributions]
     manifests = {m: replica.get_manifest(m) for m in ids}
-    reference_id = the_plan.base or the_plan.contributions[0].manifest
+    # config, tokenizer and other files: the anchor's, else (slices) the first slice's
+    # first source's, the model the embeddings come from, else the first contribution's
+    reference_id = the_plan.base or (the_plan.slices[0]["sources"][0]["model"]
+                                     if the_plan.slices else the_plan.contributions[0].manifest)
     reference = manifests[reference_id]
 
     tmp = out.with_name(out.name + ".partial")
@@ -82,6 +98,10 @@ def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
     config = json.loads(files["config.json"]) if "config.json" in files else None
     if "config.json" in files:
         files["config.json"] = output.transform_config(files["config.json"], the_plan.dtype)
+        if the_plan.slices is not None:
+            sources = _configs(store, manifests) if "layer_types" in (config or {}) else {}
+            files["config.json"] = output.slice_config(files["config.json"], the_plan.slices,
+                                                       sources)
     where = output.prepare_files(tmp, specs, max_shard_size)
     num_layers = config_num_layers(config, [s[0] for s in specs])
     if the_plan.method == cross_family.NAME:
@@ -119,6 +139,18 @@ def execute(replica: Replica, the_plan: MergePlan, out: str | Path, *,
         shutil.rmtree(out)
     tmp.rename(out)
     return Resolved(checkpoint_id, the_plan.id, the_plan.state_root, out, the_plan)
+
+
+def _configs(store: Any, manifests: dict[str, Manifest]) -> dict[str, Any]:
+    """Each input model's parsed config.json (None when it has none or it is unreadable)."""
+    out: dict[str, Any] = {}
+    for model_id, manifest in manifests.items():
+        rec = manifest.files.get("config.json")
+        try:
+            out[model_id] = json.loads(read_file(store, rec)) if rec is not None else None
+        except ValueError:
+            out[model_id] = None
+    return out
 
 
 def resolve(replica: Replica, out: str | Path, *, workers: int | None = None,

@@ -40,7 +40,7 @@ from crdt_merge.hashing import digest
 from crdt_merge.methods import TensorJob, get_method
 from crdt_merge.methods.params import resolve_param
 from crdt_merge.numeric import NUMERIC_VERSION
-from crdt_merge.resolve.plan import MergePlan
+from crdt_merge.resolve.plan import ANCHOR, MergePlan, slice_layout
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.objects import ObjectFiles
@@ -48,6 +48,29 @@ from crdt_merge.store.safetensors_io import iter_pieces
 from crdt_merge.store.tensors import TORCH_DTYPES
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class SliceInputs:
+    """What a job of a sliced plan (``slices``) merges, beyond the plain job's fields.
+
+    Attributes:
+        inputs: per donor, its index in the plan's contributions, or ``ANCHOR`` (the anchor
+            as one more input, for a method that ignores the base).
+        sources: per donor, the name of its source tensor (per-model filters match it, as
+            mergekit resolves an input's parameters under its own tensor name).
+        delta_bases: per donor, the anchor tensor a delta contribution adds to (else None).
+        params: the slice's ``parameters``; they win over the recipe's.
+        layer: the tensor's offset in its slice; None outside the layers (``t = 0``).
+        length: the slice's number of layers (None outside the layers).
+    """
+
+    inputs: tuple[int, ...]
+    sources: tuple[str, ...]
+    delta_bases: tuple[TensorRecord | None, ...]
+    params: Mapping[str, Any]
+    layer: int | None
+    length: int | None
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,8 @@ class Job:
     offset: int
     piece_size: int
     num_layers: int
+    #: set for a sliced plan: then donors are per slice source, not per contribution
+    sliced: SliceInputs | None = None
 
 
 def layer_index(name: str) -> int | None:
@@ -122,25 +147,41 @@ def run_job(job: Job) -> tuple[str, list[str]]:
         out = read_tensor(files, job.base if job.base is not None else job.donors[0])
     else:
         method = get_method(wire["method"])
-        layer = layer_index(job.name)
-        params = tuple(_resolved(c["params"], job.name, layer, job.num_layers)
-                       for c in contributions)
-        options = _resolved(wire["params"], job.name, layer, job.num_layers)
+        sliced = job.sliced
+        if sliced is None:
+            layer, length = layer_index(job.name), job.num_layers
+            params = tuple(_resolved(c["params"], job.name, layer, length)
+                           for c in contributions)
+            options = _resolved(wire["params"], job.name, layer, length)
+            ids = [c["op_id"] for c in contributions]
+            delta_bases: Sequence[TensorRecord | None] = (job.base,) * len(job.donors)
+        else:
+            # mergekit's precedence: the contribution's own, the slice's, the recipe's
+            layer, length = sliced.layer, sliced.length
+            scopes = (sliced.params, wire["params"])
+            per_model = {p.name for p in method.params if p.scope == "per_model"}
+            own = [{} if i == ANCHOR else contributions[i]["params"] for i in sliced.inputs]
+            params = tuple(_layered((mine, *scopes), source, layer, length, per_model)
+                           for mine, source in zip(own, sliced.sources, strict=True))
+            options = _layered(scopes, job.name, layer, length)
+            ids = [wire["base"] if i == ANCHOR else contributions[i]["op_id"]
+                   for i in sliced.inputs]
+            delta_bases = sliced.delta_bases
         # inputs stay in their stored dtype: the method widens them (exactly) to float64,
         # a block at a time where it streams, and rounds its result once to the output dtype
         base = read_tensor(files, job.base) if job.base is not None else None
         donors = []
-        for rec, form in zip(job.donors, job.forms, strict=True):
+        for rec, form, under in zip(job.donors, job.forms, delta_bases, strict=True):
             t = read_tensor(files, rec)
-            if form == "delta" and base is not None:
-                t = base.to(torch.float64) + t.to(torch.float64)
+            if form == "delta" and under is not None:
+                b = base if under == job.base and base is not None else read_tensor(files, under)
+                t = b.to(torch.float64) + t.to(torch.float64)
             donors.append(t)
         out = method.merge(TensorJob(
             name=job.name, base=None if method.base == "ignored" else base,
             donors=tuple(donors), params=params, options=options,
-            keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, c["op_id"])
-                       for c in contributions),
-            layer_index=layer, num_layers=job.num_layers,
+            keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, i) for i in ids),
+            layer_index=layer, num_layers=length,
             out_dtype=TORCH_DTYPES[job.out_dtype],
         ))
     return job.name, write_output(out, job.path, job.offset, job.piece_size)
@@ -235,6 +276,22 @@ def _resolved(params: Mapping[str, Any], name: str, layer: int | None,
     return out
 
 
+def _layered(scopes: Sequence[Mapping[str, Any]], name: str, layer: int | None,
+             length: int | None, keys: set[str] | None = None) -> dict[str, Any]:
+    """Parameter values for one tensor from scopes of falling precedence: per key, the
+    first scope whose value resolves (a filtered value with no match falls through, as in
+    mergekit's ``resolve_parameter``). ``keys`` limits which keys are looked up."""
+    out: dict[str, Any] = {}
+    for scope in scopes:
+        for key, value in scope.items():
+            if key in out or (keys is not None and key not in keys):
+                continue
+            v = resolve_param(value, name, layer, length)
+            if v is not None:
+                out[key] = v
+    return out
+
+
 #: below this many output elements in all, a second worker costs more than it saves
 IN_PROCESS_BELOW = 4 * 1024 * 1024
 
@@ -314,12 +371,30 @@ def default_workers() -> int:
 def plan_jobs(plan: MergePlan, store: LocalStore, manifests: Mapping[str, Manifest],
               shards: Mapping[str, tuple[str, int]], piece_size: int,
               num_layers: int) -> list[Job]:
-    base = manifests[plan.base] if plan.base else None
-    reference = base or manifests[plan.contributions[0].manifest]
     wire = plan.to_wire()
     jobs = []
+    if plan.slices is not None:
+        for t, base, donors in _sliced_tensors(plan, manifests):
+            first = base if base is not None else donors[0][1]
+            path, offset = shards[t.name]
+            jobs.append(Job(
+                name=t.name, store=str(store.root), plan_wire=wire, plan_id=plan.id,
+                base=base, donors=tuple(d[1] for d in donors),
+                forms=tuple(d[2] for d in donors), out_dtype=_out_dtype(plan, first.dtype),
+                shape=first.shape, path=path, offset=offset, piece_size=piece_size,
+                num_layers=num_layers,
+                sliced=SliceInputs(
+                    inputs=tuple(d[0] for d in donors), sources=tuple(d[3] for d in donors),
+                    delta_bases=tuple(d[4] for d in donors),
+                    params=plan.slices[t.slice_index].get("parameters", {}),
+                    layer=t.layer_index, length=t.num_layers),
+            ))
+        require_pieces(store, [r for j in jobs for r in (j.base, *j.donors, *j.sliced.delta_bases)])
+        return jobs
+    base = manifests[plan.base] if plan.base else None
+    reference = base or manifests[plan.contributions[0].manifest]
     for name, rec in reference.tensors.items():
-        out_dtype = plan.dtype if (plan.dtype and rec.dtype in ("F16", "BF16", "F32", "F64")) else rec.dtype
+        out_dtype = _out_dtype(plan, rec.dtype)
         path, offset = shards[name]
         jobs.append(Job(
             name=name, store=str(store.root), plan_wire=wire, plan_id=plan.id,
@@ -333,10 +408,46 @@ def plan_jobs(plan: MergePlan, store: LocalStore, manifests: Mapping[str, Manife
     return jobs
 
 
+def _out_dtype(plan: MergePlan, dtype: str) -> str:
+    return plan.dtype if (plan.dtype and dtype in ("F16", "BF16", "F32", "F64")) else dtype
+
+
+SlicedDonor = tuple[int, TensorRecord, str, str, TensorRecord | None]
+"""(contribution index or ANCHOR, source record, form, source tensor name, delta base)"""
+
+
+def _sliced_tensors(plan: MergePlan, manifests: Mapping[str, Manifest]) -> Iterable[
+        tuple[Any, TensorRecord | None, list[SlicedDonor]]]:
+    """Each output tensor of a sliced plan (in output order) with its base record (the
+    anchor's source, for a method that takes a base) and its donors in canonical order
+    (the anchor first, then by contribution op id; never the slice's listing order)."""
+    layout = slice_layout(plan, manifests)
+    uses_base = get_method(plan.method).base != "ignored"
+    anchor = manifests[plan.base] if plan.base else None
+    for t in layout.tensors.tensors:
+        base = None
+        donors: list[SlicedDonor] = []
+        for model, source in sorted(t.sources):
+            role = layout.inputs[model]
+            rec = manifests[layout.models[model]].tensors[source]
+            if role == ANCHOR and uses_base:
+                base = rec
+                continue
+            form = "full" if role == ANCHOR else plan.contributions[role].form
+            under = anchor.tensors[source] if form == "delta" and anchor is not None else None
+            donors.append((role, rec, form, source, under))
+        yield t, base, donors
+
+
 def output_specs(plan: MergePlan, manifests: Mapping[str, Manifest]) -> list[tuple[str, str, tuple[int, ...]]]:
+    if plan.slices is not None:  # each tensor as its first input (base, else first donor)
+        out = []
+        for t, base, donors in _sliced_tensors(plan, manifests):
+            first = base if base is not None else donors[0][1]
+            out.append((t.name, _out_dtype(plan, first.dtype), first.shape))
+        return out
     reference = manifests[plan.base] if plan.base else manifests[plan.contributions[0].manifest]
-    return [(name, plan.dtype if (plan.dtype and rec.dtype in ("F16", "BF16", "F32", "F64"))
-             else rec.dtype, rec.shape) for name, rec in reference.tensors.items()]
+    return [(name, _out_dtype(plan, rec.dtype), rec.shape) for name, rec in reference.tensors.items()]
 
 
 def config_num_layers(config: Mapping[str, Any] | None, names: Sequence[str]) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from crdt_merge.errors import PlanError
 from crdt_merge.store.manifests import DTYPE_SIZES, Manifest
 from crdt_merge.store.objects import fsync_dir
 from crdt_merge.store.safetensors_io import header_bytes
@@ -94,6 +95,49 @@ def transform_config(config_bytes: bytes, out_dtype: str | None) -> bytes:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+#: the config keys that hold a model's number of layers, by family (the first for Llama,
+#: Mistral, Qwen, Gemma...; ``n_layer`` for GPT-2, ``num_layers`` for a few others)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def slice_config(config_bytes: bytes, slices: Sequence[Mapping[str, Any]],
+                 configs: Mapping[str, Mapping[str, Any] | None]) -> bytes:
+    """The output config of a sliced merge: the reference config with its layer count set
+    to the slices' total, and its ``layer_types`` (if it has one) sliced to match.
+
+    Every layer-count key the config holds is set (``num_hidden_layers``, ``n_layer``,
+    ``num_layers``; ``num_hidden_layers`` when it holds none). Output layer ``o``, from
+    layer ``start + i`` of its slice's first source, takes ``layer_types[start + i]`` of
+    that source model's config (``configs``, by manifest id), or of the reference config
+    when the source's has none; mergekit 0.1.5 leaves ``layer_types`` as it was, which
+    transformers then refuses to load when the count changed.
+
+    Raises:
+        PlanError: the reference config has ``layer_types`` and a source layer has none.
+    """
+    config = json.loads(config_bytes)
+    total = sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0]
+                for s in slices)
+    keys = [k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)
+            and not isinstance(config.get(k), bool)]
+    for key in keys or LAYER_COUNT_KEYS[:1]:
+        config[key] = total
+    reference = config.get("layer_types")
+    if isinstance(reference, list):
+        types = []
+        for spec in slices:
+            src = spec["sources"][0]
+            own = (configs.get(src["model"]) or {}).get("layer_types")
+            table = own if isinstance(own, list) else reference
+            start, end = src["layer_range"]
+            if end > len(table):
+                raise PlanError(f"config.json: layer_types of model {src['model']} has "
+                                f"{len(table)} entries; slice layers [{start}, {end}) need more")
+            types.extend(table[start:end])
+        config["layer_types"] = types
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     """The README.md of the checkpoint: every contribution, every decision, the recipe."""
     plan = manifest_json["plan"]
@@ -117,6 +161,8 @@ def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> s
     for c in plan["contributions"]:
         lines.append(f"| `{c['op_id'][:16]}` | {c['site']} | {labels.get(c['op_id'], c['label'])} "
                      f"| {c['form']} | `{json.dumps(c['params'], sort_keys=True)}` |")
+    if plan.get("slices"):
+        lines += _slice_lines(plan, labels)
     lines += ["", "## Plan decisions", ""]
     decisions = manifest_json["decisions"]
     if not decisions:
@@ -126,6 +172,30 @@ def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> s
         lines.append(f"- {d['decision']}:{op} {d['detail']}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _slice_lines(plan: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The card's table of the slices: output layers, sources, slice parameters."""
+    names: dict[str, str] = {}
+    for c in plan["contributions"]:
+        names.setdefault(c["manifest"], labels.get(c["op_id"], c["label"]))
+    if plan["base"]:
+        names.setdefault(plan["base"], "anchor")
+    lines = ["", "## Slices (output layers, in order)", "",
+             "| slice | output layers | sources: model `manifest` [start, end) | parameters |",
+             "|---|---|---|---|"]
+    produced = 0
+    for k, spec in enumerate(plan["slices"]):
+        first = spec["sources"][0]["layer_range"]
+        length = first[1] - first[0]
+        sources = ", ".join(f"{names.get(s['model'], '?')} `{s['model'][:16]}` "
+                            f"[{s['layer_range'][0]}, {s['layer_range'][1]})"
+                            for s in spec["sources"])
+        params = json.dumps(spec.get("parameters", {}), sort_keys=True)
+        lines.append(f"| {k} | [{produced}, {produced + length}) | {sources} | `{params}` |")
+        produced += length
+    lines += ["", f"The output model has {produced} layers."]
+    return lines
 
 
 def write_card(out: Path, text: str) -> None:

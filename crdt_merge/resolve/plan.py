@@ -9,21 +9,29 @@ takes the same decisions, and the model card lists them.
 The plan id is the BLAKE3 of the canonical plan without the state root, so an op that does
 not change what is computed (a retract of another site's op, a superseded recipe, an
 unused donor) does not change the plan id, its random streams or the output.
+
+A recipe with ``slices`` (mergekit's layer slicing, see :mod:`crdt_merge.methods.slices`
+and specs/methods.md) names its models by manifest id: a contributed model's, or the
+anchor's. The plan keeps the slices in canonical form, keeps only the contributions they
+use (the others are excluded, a recorded decision), and :func:`slice_layout` maps every
+output tensor to its inputs in canonical order: the anchor first, then by contribution op
+id, never by arrival order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from crdt_merge import codec
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
-from crdt_merge.errors import BadParameter, PlanError
-from crdt_merge.hashing import PlanId, digest
-from crdt_merge.methods import Method, get_method
+from crdt_merge.errors import BadParameter, PlanError, ShapeMismatch
+from crdt_merge.hashing import PlanId, digest, is_id
+from crdt_merge.methods import Method, SlicePlan, get_method, plan_slices
 from crdt_merge.methods import cross_family_params as _cross_family  # registers "cross_family"
+from crdt_merge.methods.params import parse_scalar
 from crdt_merge.numeric import NUMERIC_VERSION
 from crdt_merge.replica import Replica
 from crdt_merge.store.finite import first_nonfinite
@@ -31,7 +39,7 @@ from crdt_merge.store.manifests import Manifest
 
 PLAN_VERSION = 1
 #: recipe parameters resolve itself consumes; the rest go to the method
-RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source")
+RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source", "slices")
 OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
@@ -67,6 +75,8 @@ class MergePlan:
     state_root: str = field(default="", compare=False)
     #: the cross_family method's decisions that change bytes (families, depth maps, roles)
     cross_family: Mapping[str, Any] | None = None
+    #: the recipe's layer slices in canonical form (:func:`normalize_slices`), or None
+    slices: tuple[Mapping[str, Any], ...] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The canonical plan: what is computed, nothing else. Its hash is the plan id.
@@ -83,6 +93,8 @@ class MergePlan:
         }
         if self.cross_family is not None:
             wire["cross_family"] = dict(self.cross_family)
+        if self.slices is not None:
+            wire["slices"] = [dict(s) for s in self.slices]
         return wire
 
     @property
@@ -97,9 +109,11 @@ class MergePlan:
         contributions = tuple(
             Contribution(c["op_id"], c["site"], c["label"], c["manifest"], c["form"],
                          c.get("base"), c["params"]) for c in wire["contributions"])
+        slices = wire.get("slices")
         return cls(wire["method"], wire["params"], wire["base"] or None, contributions,
                    wire["dtype"] or None, wire["seed"] or None, bool(wire["allow_nonfinite"]),
-                   tuple(decisions), recipe_op, state_root, wire.get("cross_family"))
+                   tuple(decisions), recipe_op, state_root, wire.get("cross_family"),
+                   None if slices is None else normalize_slices(slices))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view for people and ``--json``."""
@@ -131,12 +145,243 @@ def _param_problem(method: Method, recipe_params: Mapping[str, Any],
     return None
 
 
+# -- layer slices --------------------------------------------------------------------------------
+
+ANCHOR = -1
+"""In a :class:`SliceLayout`, the input that is the anchor rather than a contribution."""
+
+
+def _layer_bound(value: object, where: str) -> int:
+    try:
+        bound = parse_scalar(value, int)
+    except ValueError:
+        raise BadParameter(f"{where}: layer_range must be [start, end] with whole numbers, "
+                           f"got {value!r}") from None
+    return int(bound)
+
+
+def normalize_slices(raw: object) -> tuple[dict[str, Any], ...]:
+    """The recipe's ``slices`` checked for form and made canonical.
+
+    Each slice is ``{sources: [{model, layer_range: [start, end]}, ...], parameters?: {...}}``:
+    ``model`` a manifest id, ``layer_range`` whole numbers (ints or canonical decimal
+    strings) with ``0 <= start < end``, every source of a slice the same length, a model at
+    most once per slice. In the result the bounds are ints and ``parameters`` is left out
+    when empty, so equal slices give one plan id however the recipe spelled them.
+
+    Raises:
+        BadParameter: anything else (the message names the slice and the key).
+    """
+    shape = "a list of {sources: [{model, layer_range}], parameters?}"
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise BadParameter(f"slices must be {shape}")
+    out = []
+    for k, spec in enumerate(raw):
+        where = f"slices[{k}]"
+        if not isinstance(spec, Mapping):
+            raise BadParameter(f"{where}: a slice is a mapping; slices must be {shape}")
+        extra = sorted(set(spec) - {"sources", "parameters"})
+        if extra:
+            raise BadParameter(f"{where}: {', '.join(extra)} is not supported (a slice has "
+                               "`sources` and optional `parameters`)")
+        sources = spec.get("sources")
+        if not isinstance(sources, (list, tuple)) or not sources:
+            raise BadParameter(f"{where}: `sources` must list at least one source")
+        norm = []
+        for j, src in enumerate(sources):
+            at = f"{where}.sources[{j}]"
+            if not isinstance(src, Mapping):
+                raise BadParameter(f"{at}: a source is {{model, layer_range}}")
+            if "parameters" in src:
+                raise BadParameter(f"{at}: per-source `parameters` are not supported; set them "
+                                   "on the slice (`parameters`) or on the contribution")
+            extra = sorted(set(src) - {"model", "layer_range"})
+            if extra:
+                raise BadParameter(f"{at}: {', '.join(extra)} is not supported")
+            model = src.get("model")
+            if not is_id(model):
+                raise BadParameter(f"{at}: `model` must be the manifest id of a contributed "
+                                   f"model or of the anchor, got {model!r}")
+            rng = src.get("layer_range")
+            if not isinstance(rng, (list, tuple)) or len(rng) != 2:
+                raise BadParameter(f"{at}: layer_range must be [start, end], got {rng!r}")
+            start, end = (_layer_bound(v, at) for v in rng)
+            if not 0 <= start < end:
+                raise BadParameter(f"{at}: layer_range [{start}, {end}] is empty or negative "
+                                   "(it is [start, end) with 0 <= start < end)")
+            norm.append({"model": model, "layer_range": [start, end]})
+        lengths = {s["layer_range"][1] - s["layer_range"][0] for s in norm}
+        if len(lengths) != 1:
+            raise BadParameter(f"{where}: its sources span {sorted(lengths)} layers; all sources "
+                               "of a slice must span the same number of layers")
+        models = [s["model"] for s in norm]
+        if len(set(models)) != len(models):
+            raise BadParameter(f"{where}: a model appears twice among its sources")
+        params = spec.get("parameters")
+        if params is None:
+            params = {}
+        if not isinstance(params, Mapping) or not all(isinstance(key, str) for key in params):
+            raise BadParameter(f"{where}: `parameters` must be a mapping of parameter names")
+        entry: dict[str, Any] = {"sources": norm}
+        if params:
+            entry["parameters"] = dict(params)
+        out.append(entry)
+    return tuple(out)
+
+
+def _slice_recipes(method: Method, method_params: Mapping[str, Any],
+                   slices: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each slice's parameters over the recipe's (mergekit's precedence), each checked."""
+    merged = []
+    for k, spec in enumerate(slices):
+        params = {**method_params, **spec.get("parameters", {})}
+        try:
+            method.validate_recipe(params)
+        except BadParameter as exc:
+            raise BadParameter(f"slices[{k}]: {exc.detail}") from None
+        merged.append(params)
+    # the recipe's own values, whether or not every slice overrides them
+    method.validate_recipe({**slices[0].get("parameters", {}), **method_params})
+    return merged
+
+
+def slice_roles(the_plan: MergePlan) -> dict[str, int]:
+    """Which input each model a slice may name is: ``{manifest id: contribution index}``
+    (into ``the_plan.contributions``), :data:`ANCHOR` for the anchor.
+
+    For a method that takes a base, the anchor's manifest is the base even if a contribution
+    holds the same model; for one that ignores it (passthrough, linear...), a contribution
+    of the anchor's model wins and the anchor is otherwise one more input. A model several
+    contributions hold is the first one's, in canonical order."""
+    roles: dict[str, int] = {}
+    uses_base = get_method(the_plan.method).base != "ignored"
+    if the_plan.base and uses_base:
+        roles[the_plan.base] = ANCHOR
+    for i, c in enumerate(the_plan.contributions):
+        roles.setdefault(c.manifest, i)
+    if the_plan.base:
+        roles.setdefault(the_plan.base, ANCHOR)
+    return roles
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """A sliced plan's output tensors and where each model index points.
+
+    Attributes:
+        tensors: :func:`crdt_merge.methods.plan_slices` over the slices' models.
+        models: the manifest id of each model index: the anchor first, then in canonical
+            contribution order (by op id); never the order of the slices or of arrival.
+        inputs: each model index's input: a contribution index, or :data:`ANCHOR`.
+    """
+
+    tensors: SlicePlan
+    models: tuple[str, ...]
+    inputs: tuple[int, ...]
+
+
+def slice_layout(the_plan: MergePlan, manifests: Mapping[str, Manifest]) -> SliceLayout:
+    """Map every output tensor of a sliced plan to its source tensors.
+
+    Raises:
+        BadParameter: a slice names a model that is not an input of the plan, a layer the
+            model lacks, or a tensor one source lacks (see ``plan_slices``).
+        ShapeMismatch: the sources of one output tensor differ in shape, or a delta's
+            source tensor is not the anchor's shape (or the anchor lacks it).
+    """
+    assert the_plan.slices is not None
+    roles = slice_roles(the_plan)
+    named = {src["model"] for spec in the_plan.slices for src in spec["sources"]}
+    unknown = sorted(named - set(roles))
+    if unknown:
+        raise BadParameter(f"slices name model {unknown[0]}, which is not an input of the plan")
+    order = sorted(named, key=lambda m: (roles[m] != ANCHOR, roles[m]))
+    models = {m: tuple(manifests[m].tensors) for m in order}
+    tensors = plan_slices(the_plan.slices, models)
+    deltas = {m for m in order if roles[m] != ANCHOR
+              and the_plan.contributions[roles[m]].form == "delta"}
+    anchor = manifests[the_plan.base] if deltas and the_plan.base else None
+    for t in tensors.tensors:
+        shapes = {tuple(manifests[order[i]].tensors[name].shape) for i, name in t.sources}
+        if len(shapes) > 1:
+            raise ShapeMismatch(f"output tensor {t.name}: its sources have shapes "
+                                f"{sorted(list(x) for x in shapes)}; the models of a slice "
+                                "must agree in shape")
+        shape = next(iter(shapes))
+        for i, name in t.sources:  # a delta adds to the anchor's tensor of the same name
+            if order[i] in deltas:
+                under = anchor.tensors.get(name) if anchor is not None else None
+                if under is None or tuple(under.shape) != shape:
+                    raise ShapeMismatch(f"output tensor {t.name}: the delta model {order[i]} "
+                                        f"has {name}, which the anchor lacks or shapes "
+                                        "differently")
+    return SliceLayout(tensors, tuple(order), tuple(roles[m] for m in order))
+
+
+def _exclusion(decisions: Sequence[Mapping[str, Any]], op_ids: Sequence[str]) -> str | None:
+    for d in decisions:
+        if d.get("decision") == "excluded" and d.get("op_id") in op_ids:
+            return str(d["detail"])
+    return None
+
+
+def _sliced_inputs(method: Method, base: str | None, slices: Sequence[Mapping[str, Any]],
+                   merged: Sequence[Mapping[str, Any]], every: Sequence[Op],
+                   kept: list[Contribution],
+                   decisions: list[dict[str, Any]]) -> list[Contribution]:
+    """The kept contributions a sliced recipe uses; checks that every model it names is
+    an input, and each slice's inputs against the method (count, parameters, base)."""
+    probe = MergePlan(method.name, {}, base, tuple(kept), None, None, False, (), "")
+    roles = slice_roles(probe)
+    uses_base = method.base != "ignored"
+    used: set[int] = set()
+    for k, spec in enumerate(slices):
+        donors: list[Mapping[str, Any]] = []
+        has_base = False
+        for src in spec["sources"]:
+            model = src["model"]
+            role = roles.get(model)
+            if role is None:
+                ops = [op.id for op in every if op.body["manifest"] == model]
+                if not ops:
+                    raise BadParameter(f"slices[{k}] names model {model}, which is neither "
+                                       "contributed nor the anchor")
+                why = _exclusion(decisions, ops)
+                raise PlanError(f"slices[{k}] names model {model}, which no live contribution "
+                                "holds: " + (f"its contribution was excluded ({why})" if why
+                                             else "its contribution was retracted"))
+            if role == ANCHOR and uses_base:
+                has_base = True
+                continue
+            if role != ANCHOR:
+                used.add(role)
+            donors.append({} if role == ANCHOR else kept[role].params)
+        if base is not None and uses_base and not has_base:
+            raise BadParameter(f"slices[{k}]: {method.name} merges onto the anchor {base}; "
+                               "list it among the slice's sources (as mergekit requires the "
+                               "base model in every slice)")
+        try:
+            method.validate(merged[k], donors)
+        except BadParameter as exc:
+            raise BadParameter(f"slices[{k}]: {exc.detail}") from None
+    out = []
+    for i, c in enumerate(kept):
+        if i in used:
+            out.append(c)
+        else:
+            decisions.append({"decision": "excluded", "op_id": c.op_id,
+                              "detail": "not named in the recipe's slices"})
+    return out
+
+
 def plan(replica: Replica) -> MergePlan:
     """Decide the merge for the replica's current op set (see the module docstring).
 
     Raises:
-        PlanError: no recipe, no base for a method that needs one, no live contribution.
-        RecipeError: the winning recipe names an unknown method or bad parameters.
+        PlanError: no recipe, no base for a method that needs one, no live contribution, or
+            a model the slices name that no live contribution holds.
+        RecipeError: the winning recipe names an unknown method or bad parameters (or bad
+            slices: an unknown model, bad ranges, sources of different lengths).
     """
     ops = list(replica.ops().values())
     recipes = opset.recipe_state(ops)
@@ -161,7 +406,15 @@ def plan(replica: Replica) -> MergePlan:
     seed = all_params.get("seed")
     method_params = {k: v for k, v in all_params.items() if k not in RESOLVE_PARAMS}
     method = get_method(recipe.body["method"])
-    method.validate_recipe(method_params)
+    cross = method.name == _cross_family.NAME  # donors of other shapes, aligned per tensor
+    slices = normalize_slices(all_params["slices"]) if "slices" in all_params else None
+    if slices is None:
+        method.validate_recipe(method_params)
+        merged: list[dict[str, Any]] = []
+    elif cross:
+        raise BadParameter(f"slices do not apply to {method.name}: it aligns whole models")
+    else:
+        merged = _slice_recipes(method, method_params, slices)
 
     live = opset.live_contributions(ops)
     contributions = [
@@ -177,7 +430,6 @@ def plan(replica: Replica) -> MergePlan:
                         "(`--anchor MODEL`) or contribute with `--base`")
     base_manifest = replica.get_manifest(base) if base else None
 
-    cross = method.name == _cross_family.NAME  # donors of other shapes, aligned per tensor
     kept: list[Contribution] = []
     for c in contributions:
         if c.form == "delta" and c.base != base:
@@ -186,7 +438,9 @@ def plan(replica: Replica) -> MergePlan:
             continue
         donor = replica.get_manifest(c.manifest)
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
-        problem = _shape_problem(donor, reference) if reference is not None and not cross else None
+        # with slices, shapes are checked per output tensor (models may differ in depth)
+        problem = (_shape_problem(donor, reference)
+                   if reference is not None and not cross and slices is None else None)
         if problem:
             decisions.append({"decision": "excluded", "op_id": c.op_id,
                               "detail": f"shape mismatch: {problem}"})
@@ -198,7 +452,12 @@ def plan(replica: Replica) -> MergePlan:
                                   "detail": f"tensor {bad} holds NaN or inf "
                                             "(set allow_nonfinite=true to keep it)"})
                 continue
-        problem = _param_problem(method, method_params, c.params)
+        if slices is None:
+            problem = _param_problem(method, method_params, c.params)
+        else:  # against each slice that names the model
+            problem = next((p for k, spec in enumerate(slices)
+                            if any(s["model"] == c.manifest for s in spec["sources"])
+                            for p in [_param_problem(method, merged[k], c.params)] if p), None)
         if problem:
             decisions.append({"decision": "excluded", "op_id": c.op_id,
                               "detail": f"bad parameters: {problem}"})
@@ -210,10 +469,18 @@ def plan(replica: Replica) -> MergePlan:
         section, more, kept = plan_section(replica, base, kept, method_params,
                                            all_params.get("tokenizer_source"))
         decisions += more
-    if not kept:
+    if slices is not None:
+        every = [op for op in ops if op.kind == "contribute"]
+        kept = _sliced_inputs(method, base, slices, merged, every, kept, decisions)
+    elif not kept:
         raise PlanError("no live contribution to merge (all retracted or excluded)")
-    method.validate(method_params, [c.params for c in kept])
-    return MergePlan(method.name, method_params, base, tuple(kept),
-                     OUT_DTYPES[dtype_name] if dtype_name else None,
-                     seed if isinstance(seed, str) else None, allow,
-                     tuple(decisions), recipe.id, replica.state_root(), section)
+    else:
+        method.validate(method_params, [c.params for c in kept])
+    result = MergePlan(method.name, method_params, base, tuple(kept),
+                       OUT_DTYPES[dtype_name] if dtype_name else None,
+                       seed if isinstance(seed, str) else None, allow,
+                       tuple(decisions), recipe.id, replica.state_root(), section, slices)
+    if slices is not None:  # every range, layer and tensor exists; shapes agree
+        ids = {src["model"] for spec in slices for src in spec["sources"]} | {base or ""}
+        slice_layout(result, {m: replica.get_manifest(m) for m in sorted(ids) if m})
+    return result
