@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from crdt_merge.hashing import ManifestId
 from crdt_merge.store.finite import finite_known, has_nonfinite, remember_finite
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
-from crdt_merge.store.safetensors_io import MappedFile, TensorInfo, iter_pieces, read_header
+from crdt_merge.store.safetensors_io import MappedFile, iter_pieces, read_header
 
 #: files of a model folder kept beside the tensors (config, tokenizer, chat template)
 KEPT_FILES = (
@@ -79,7 +80,9 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        # ValueError: not JSON or not UTF-8, or a number too long to read; RecursionError:
+        # nesting too deep
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
             raise ModelImportError(f"{index}: malformed shard index ({exc})") from None
         for shard in shards:
             if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
@@ -95,19 +98,50 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _put_bytes(store: LocalStore, data: memoryview, piece_size: int) -> tuple[list[str], int]:
-    """Store ``data`` as pieces, a batch at a time; return their ids and how many were new."""
-    pieces = list(iter_pieces(data, piece_size))
+    """Store ``data`` as pieces; return their ids and how many were new."""
+    ids, new, _ = _put_pieces(store, list(iter_pieces(data, piece_size)))
+    return ids, new
+
+
+def _put_pieces(store: LocalStore, pieces: list[memoryview],
+                scan: Callable[[int, memoryview], bool] | None = None,
+                ) -> tuple[list[str], int, list[bool]]:
+    """Store pieces a batch at a time; return their ids, how many were new and, with
+    ``scan``, ``scan(i, piece)`` for each."""
     ids: list[str] = []
+    flags: list[bool] = []
     new = 0
     for i in range(0, len(pieces), _BATCH):
-        batch_ids, n_new = store.put_many(pieces[i:i + _BATCH])
+        batch_scan = None if scan is None else (lambda j, piece, i=i: scan(i + j, piece))
+        batch_ids, n_new, batch_flags = store.put_many_scan(pieces[i:i + _BATCH], batch_scan)
         ids.extend(batch_ids)
+        flags.extend(bool(f) for f in batch_flags)
         new += n_new
-    return ids, new
+    return ids, new, flags
 
 
 #: pieces written before their directories are fsynced and their index rows committed
 _BATCH = 256
+
+
+def _model_type(path: Path) -> str | None:
+    """The ``model_type`` of a model folder's config.json, if it names one.
+
+    Raises:
+        ModelImportError: config.json is not a JSON object (or not UTF-8, or nests too
+            deep, or holds a number too long to read).
+    """
+    config = path / "config.json"
+    if not path.is_dir() or not config.is_file():
+        return None
+    try:
+        value = json.loads(config.read_bytes())
+        model_type = value.get("model_type")
+        if isinstance(model_type, str):
+            model_type.encode()  # a lone surrogate (JSON "\ud800") has no UTF-8 form
+    except (ValueError, RecursionError, AttributeError):
+        raise ModelImportError(f"{config}: not valid JSON") from None
+    return model_type if isinstance(model_type, str) else None
 
 
 def import_model(store: LocalStore, source: str, piece_size: int,
@@ -121,23 +155,51 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     path = resolve_source(source)
     tensors: dict[str, TensorRecord] = {}
     new = total = 0
-    read: list[tuple[Path, list[TensorInfo]]] = []
-    for weights in _weight_files(path):
-        infos, _ = read_header(weights)
-        read.append((weights, list(infos.values())))
+    nonfinite: list[str] = []  # tensors holding NaN or inf
+    # every header is read and checked, and the config parsed, before a byte is stored: an
+    # import refused for any of them leaves the store as it was
+    headers = [(weights, read_header(weights)[0]) for weights in _weight_files(path)]
+    seen: set[str] = set()
+    for _, infos in headers:
+        for name in infos:
+            if name in seen:
+                raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
+            seen.add(name)
+    info_meta: dict[str, Any] = dict(meta or {})
+    model_type = _model_type(path)
+    if model_type is not None:
+        info_meta.setdefault("model_type", model_type)
+    for weights, infos in headers:
         with MappedFile(weights) as mf:
             if len(mf.view) != weights.stat().st_size:
                 raise ModelImportError(f"{weights}: file changed while reading")
-            for name in sorted(infos):
+            # every tensor of the file cut into pieces (views of the mapping, no copy), then
+            # stored in batches: fsyncs and index commits are shared across tensors
+            spans: dict[str, tuple[int, int]] = {}
+            pieces: list[memoryview] = []
+            dtypes: list[str] = []
+            try:
+                for name in sorted(infos):
+                    info = infos[name]
+                    if name in tensors:
+                        raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
+                    cut = list(iter_pieces(mf.view[info.begin:info.end], piece_size))
+                    spans[name] = (len(pieces), len(cut))
+                    pieces.extend(cut)
+                    dtypes.extend([info.dtype] * len(cut))
+                # the NaN/inf test of the plan's policy runs on each piece with its hashing
+                ids, n_new, flags = _put_pieces(
+                    store, pieces, lambda i, piece, kinds=dtypes: has_nonfinite(piece, kinds[i]))
+            finally:
+                for piece in pieces:
+                    piece.release()
+            for name, (start, count) in spans.items():
                 info = infos[name]
-                if name in tensors:
-                    raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
-                data = mf.view[info.begin:info.end]
-                ids, n_new = _put_bytes(store, data, piece_size)
-                tensors[name] = TensorRecord(info.dtype, info.shape, tuple(ids))
-                data.release()
-                new += n_new
-                total += len(ids)
+                tensors[name] = TensorRecord(info.dtype, info.shape, tuple(ids[start:start + count]))
+                if any(flags[start:start + count]):
+                    nonfinite.append(name)
+            new += n_new
+            total += len(ids)
     files: dict[str, FileRecord] = {}
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -149,29 +211,12 @@ def import_model(store: LocalStore, source: str, piece_size: int,
                 files[name] = FileRecord(len(data), tuple(ids))
                 new += n_new
                 total += len(ids)
-    info_meta: dict[str, Any] = dict(meta or {})
-    config = folder / "config.json"
-    if path.is_dir() and config.is_file():
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError):
-            raise ModelImportError(f"{config}: not valid JSON") from None
-        if isinstance(model_type, str):
-            info_meta.setdefault("model_type", model_type)
     manifest = Manifest(piece_size, dict(sorted(tensors.items())), files, info_meta)
     data = manifest.encode()
     mid = ManifestId(store.put(data))
     if not finite_known(store, mid):
-        # the plan's NaN/inf policy needs this (the first such tensor by name, as
-        # finite.first_nonfinite finds it); the bytes are in the page cache now
-        nonfinite = []
-        for weights, infos in read:
-            with MappedFile(weights) as mf:
-                for info in infos:
-                    data = mf.view[info.begin:info.end]
-                    if has_nonfinite(data, info.dtype):
-                        nonfinite.append(info.name)
-                    data.release()
+        # the plan's NaN/inf policy: the first such tensor by name, as
+        # finite.first_nonfinite would find it
         remember_finite(store, mid, min(nonfinite, default=None))
     return Imported(mid, manifest, str(path), new, total)
 

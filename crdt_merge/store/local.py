@@ -11,9 +11,11 @@ an object or an op whose objects a crash could have lost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from crdt_merge.errors import (
     HashMismatch,
@@ -23,7 +25,7 @@ from crdt_merge.errors import (
     PieceMissing,
     ReplicaExists,
 )
-from crdt_merge.hashing import PieceId, check_id, digest
+from crdt_merge.hashing import PieceId, check_id, digest, is_id
 from crdt_merge.store.db import Index
 from crdt_merge.store.objects import ObjectFiles, ObjectWriter, crashpoint, fsync_dir
 
@@ -100,20 +102,46 @@ class LocalStore:
         fsynced once for the batch and the index rows go in one transaction, after every
         piece is durable: the same guarantees for a fraction of the fsyncs.
         """
+        ids, new, _ = self.put_many_scan(pieces)
+        return ids, new
+
+    def put_many_scan(self, pieces: Sequence[bytes | memoryview],
+                      scan: Callable[[int, memoryview], Any] | None = None,
+                      ) -> tuple[list[PieceId], int, list[Any]]:
+        """:meth:`put_many`, also returning ``scan(i, piece)`` for each piece, computed on
+        the same worker thread while its bytes are hot (the importer's NaN/inf test).
+
+        Each piece is hashed and, unless its file is there already, written and fsynced by
+        one task, so hashing one piece overlaps writing another.
+        """
+        def one(i: int) -> tuple[PieceId, bool, Any]:
+            piece = memoryview(pieces[i])
+            pid = PieceId(digest(piece))
+            flag = scan(i, piece) if scan is not None else None
+            if self.files.exists(pid):
+                return pid, False, flag
+            self.files.write_stream(pid, [piece], verified_id=pid, sync_dir=False)
+            return pid, True, flag
+
         with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-            # hashing and fsync release the GIL: a few threads overlap them
-            ids = [PieceId(i) for i in pool.map(digest, pieces)]
+            # hashing, writing and fsync release the GIL: a few threads overlap them
+            results = list(pool.map(one, range(len(pieces))))
+            ids = [r[0] for r in results]
             held = self.index.has_objects(ids)
-            new = {i: d for i, d in zip(ids, pieces, strict=True) if i not in held}
+            # a file there but not indexed (a crash between its rename and its index row)
+            # is written again, as a new piece would be
+            redo = {pid: pieces[i] for i, (pid, wrote, _) in enumerate(results)
+                    if not wrote and pid not in held}
             list(pool.map(lambda item: self.files.write_stream(
-                item[0], [item[1]], verified_id=item[0], sync_dir=False), new.items()))
-        written = {i: len(d) for i, d in new.items()}
-        for parent in sorted({self.files.path(i).parent for i in written}):
-            fsync_dir(parent)
+                item[0], [item[1]], verified_id=item[0], sync_dir=False), redo.items()))
+            written = {pid: memoryview(pieces[i]).nbytes for i, pid in enumerate(ids)
+                       if pid not in held}
+            # concurrent directory fsyncs share journal commits
+            list(pool.map(fsync_dir, sorted({self.files.path(i).parent for i in written})))
         if written:
             crashpoint("piece.before_index")
             self.index.add_objects(written.items())
-        return ids, len(written)
+        return ids, len(written), [r[2] for r in results]
 
     def put_stream(self, object_id: str, chunks: Iterable[bytes], max_size: int | None = None) -> PieceId:
         """Store bytes that arrive in chunks, verified against ``object_id`` as they stream."""
@@ -173,8 +201,31 @@ class LocalStore:
         return bool(self.index.has_objects([object_id]))
 
     def missing(self, ids: Iterable[str]) -> set[str]:
+        """The ids this store lacks. An object whose file is in place but not indexed (a
+        process was killed between the rename and the index row) is verified and indexed
+        here instead, so its bytes, which all arrived, are not transferred again."""
         ids = set(ids)
-        return ids - self.index.has_objects(ids)
+        lacking = ids - self.index.has_objects(ids)
+        return {i for i in lacking if not self._adopt(i)}
+
+    def _adopt(self, object_id: str) -> bool:
+        """Index an unindexed object file if it verifies (made durable first, as a write
+        would have). False when there is no such file or it fails its hash (quarantined)."""
+        if not is_id(object_id) or not self.files.exists(object_id):
+            return False
+        path = self.files.path(object_id)
+        try:
+            size = len(self.files.read(object_id))
+            fd = os.open(path, os.O_RDONLY)
+        except (PieceCorrupt, PieceMissing, FileNotFoundError):
+            return False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+        self.index.add_object(object_id, size)
+        return True
 
     def object_ids(self) -> list[str]:
         return self.index.object_ids()

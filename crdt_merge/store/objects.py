@@ -291,6 +291,7 @@ class ObjectWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+        crashpoint("piece.mid_stream")
 
     def restart(self) -> None:
         """Drop what was written (the sender could not resume) and start again at 0."""
@@ -308,10 +309,13 @@ class ObjectWriter:
             actual = self._hasher.hexdigest()
             if actual != self.object_id:
                 raise HashMismatch(self.object_id, actual)
+            crashpoint("piece.before_fsync")
             os.fsync(self._fd)
+            crashpoint("piece.after_fsync")
             target = self._files.path(self.object_id)
             make_parent(target)
             os.replace(self.path, target)
+            crashpoint("piece.after_rename")
             fsync_dir(target.parent)
         except BaseException:
             self.discard()
