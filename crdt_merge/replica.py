@@ -182,8 +182,10 @@ class Replica:
         return self.ops().get(op_id)
 
     def state_root(self) -> StateRoot:
-        ops = self.ops()
+        # ops() and the root under one hold of the lock: another thread's reload between
+        # the two would otherwise cache the root of the older op set until the next change
         with self._lock:
+            ops = self.ops()
             if self._root is None:
                 self._root = opset.root(ops.values())
             return self._root
