@@ -18,6 +18,7 @@ from crdt_merge import __version__
 from crdt_merge.replica import Replica
 from server import errors, pieces, routes
 from server.auth import Gate
+from server.limits import HeaderLimits
 from server.service import Service
 from server.settings import Settings
 
@@ -54,6 +55,8 @@ def create_app(replica_dir: str | os.PathLike[str], settings: Settings | None = 
     app.state.service = service
     app.state.gate = Gate(settings)
     errors.install(app)
+    app.add_middleware(HeaderLimits, max_bytes=settings.max_header_bytes,
+                       max_count=settings.max_headers)
     app.include_router(routes.router)
     app.include_router(pieces.router)
     return app

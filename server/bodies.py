@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import anyio
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
@@ -40,23 +42,48 @@ def declared_length(request: Request, limit: int) -> int | None:
     declared = request.headers.get("content-length")
     if declared is None:
         return None
-    if not declared.isdigit():
+    if not (declared.isascii() and declared.isdigit()):  # "²".isdigit() is True
         raise SchemaError("Content-Length is not a number")
-    if int(declared) > limit:
+    digits = declared.lstrip("0") or "0"
+    if len(digits) > 19 or int(digits) > limit:  # int() refuses thousands of digits
         raise wire.BodyTooLarge(limit)
-    return int(declared)
+    return int(digits)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, counted as it streams in: at ``limit`` + 1 bytes reading
-    stops and :class:`~crdt_merge.sync.wire.BodyTooLarge` is raised (nothing is buffered
-    past the limit, and a declared Content-Length over it is refused unread)."""
+async def body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it streams in, under a size cap and a time limit (the server's
+    settings ``body_timeout`` and ``min_body_rate``; specs/http.md section 2).
+
+    Raises:
+        BodyTooLarge: a declared Content-Length over ``limit`` (before anything is read),
+            or ``limit`` + 1 bytes received (reading stops there).
+        RequestTimeout: no chunk for ``body_timeout`` seconds, or, once the body has taken
+            ``body_timeout`` seconds, fewer than ``min_body_rate`` bytes per second since
+            it began.
+        SchemaError: a Content-Length that is not a number.
+    """
     declared_length(request, limit)
-    chunks: list[bytes] = []
+    settings = request.app.state.settings
+    start = time.monotonic()
     total = 0
-    async for chunk in request.stream():
+    chunks = request.stream()
+    while True:
+        # the next chunk, within the idle timeout and the deadline the rate sets
+        deadline = start + settings.body_timeout + total / settings.min_body_rate
+        wait = min(settings.body_timeout, deadline - time.monotonic())
+        try:
+            with anyio.fail_after(max(wait, 0)):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise wire.RequestTimeout(time.monotonic() - start, total) from None
         total += len(chunk)
         if total > limit:
             raise wire.BodyTooLarge(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, read by :func:`body_chunks` (under its size and time limits)."""
+    return b"".join([chunk async for chunk in body_chunks(request, limit)])

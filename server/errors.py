@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from crdt_merge import errors as e
 from crdt_merge.sync import wire
@@ -47,7 +49,12 @@ STATUS: dict[type[e.CrdtMergeError], int] = {
     wire.Unauthenticated: 401,
     wire.Forbidden: 403,
     wire.BodyTooLarge: 413,
+    wire.RequestTimeout: 408,
+    wire.HeadersTooLarge: 431,
 }
+#: answers after which the connection is closed: the client is too slow, or what it sent
+#: cannot be parsed further
+CLOSE = (408, 431)
 
 
 def status_of(exc: e.CrdtMergeError) -> int:
@@ -60,6 +67,8 @@ def status_of(exc: e.CrdtMergeError) -> int:
 def error_response(exc: e.CrdtMergeError) -> JSONResponse:
     status = status_of(exc)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status in CLOSE:
+        headers = {"Connection": "close"}
     if status >= 500:
         log.warning("%s: %s", exc.code, exc.detail)
     return JSONResponse(wire.error_body(exc), status_code=status, headers=headers)
@@ -89,6 +98,13 @@ def install(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return JSONResponse({"code": code, "detail": str(exc.detail), "fields": {}},
                             status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        # the client went away while sending its body: nothing to answer (and no server
+        # fault to log as one); whatever the route was writing was discarded
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,13 @@ import uvicorn
 from crdt_merge.errors import BadParameter
 from server.app import create_app
 from server.auth import is_loopback
+from server.limits import guarded_protocol
 from server.settings import Settings
+
+#: seconds an idle keep-alive connection stays open: longer than clients keep theirs (httpx,
+#: hence HttpPeer: 5 s), so the client always gives it up first; with equal timeouts a
+#: request sent as the server closes the connection fails with a connection reset
+KEEP_ALIVE_SECONDS = 30
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -71,7 +77,9 @@ def serve(replica_dir: str | os.PathLike[str], settings: Settings,
         print(f"crdt-merge: pulling from {', '.join(settings.peers)} every "
               f"{settings.sync_interval:g}s", file=out, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                            http=guarded_protocol(settings),  # header and drain deadlines
+                            h11_max_incomplete_event_size=settings.max_header_bytes)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

@@ -16,16 +16,23 @@ from fastapi.concurrency import run_in_threadpool
 from crdt_merge.errors import PieceMissing
 from crdt_merge.sync import wire
 from server.auth import CONTRIBUTE, READ
-from server.bodies import declared_length, read_body, reply, wants_json
+from server.bodies import body_chunks, declared_length, read_body, reply, wants_json
 from server.routes import MSGPACK_BODY, etag_matches, service_of
 
 router = APIRouter(tags=["pieces"])
 
 ID_PATTERN = "^[0-9a-f]{64}$"
 IMMUTABLE = "public, max-age=31536000, immutable"
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+#: positions longer than this many digits are past the end of any object (and int() refuses
+#: strings of thousands of digits)
+_MAX_DIGITS = 19
 ObjectId = Annotated[str, Path(pattern=ID_PATTERN,
                                    description="BLAKE3-256 of the object, 64 lowercase hex")]
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 1 << 64
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | Literal[False] | None:
@@ -38,11 +45,11 @@ def parse_range(header: str, size: int) -> tuple[int, int] | Literal[False] | No
     if not first and not last:
         return None
     if not first:  # the last N bytes
-        n = int(last)
+        n = _position(last)
         return (max(0, size - n), size - 1) if n and size else False
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if last and int(last) < start:
+    start = _position(first)
+    end = min(_position(last), size - 1) if last else size - 1
+    if last and _position(last) < start:
         return None
     if start >= size:
         return False
@@ -109,11 +116,7 @@ async def put_object(request: Request, object_id: ObjectId) -> Response:
         return reply(request, {"id": object_id, "new": False}, status=200)
     writer = await run_in_threadpool(store.writer, object_id)
     try:
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise wire.BodyTooLarge(limit)
+        async for chunk in body_chunks(request, limit):  # under the size and time limits
             writer.write(chunk)  # a page-cache write; the fsyncs happen in finish()
         _, new = await run_in_threadpool(store.finish, writer)
     except BaseException:

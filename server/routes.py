@@ -50,10 +50,12 @@ def get_state(request: Request) -> Response:
     root: send it back in ``If-None-Match`` and an unchanged replica answers ``304``."""
     service = service_of(request)
     root = service.replica.state_root()
-    headers = {"ETag": f'"{root}"', "Cache-Control": "no-cache"}
     if etag_matches(request.headers.get("if-none-match"), root):
-        return Response(status_code=304, headers=headers)
-    return reply(request, service.state(), headers=headers)
+        return Response(status_code=304, headers={"ETag": f'"{root}"',
+                                                  "Cache-Control": "no-cache"})
+    state = service.state()  # the tag is the root of this body (ops may commit meanwhile)
+    headers = {"ETag": f'"{state["state_root"]}"', "Cache-Control": "no-cache"}
+    return reply(request, state, headers=headers)
 
 
 @router.get("/v1/ops", tags=["ops"], summary="Every committed op id (the plain id list)",

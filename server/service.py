@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from crdt_merge import ENGINE, NUMERIC_VERSION
-from crdt_merge.errors import BadParameter, PlanError
+from crdt_merge.errors import BadParameter, PlanError, RecipeError
 from crdt_merge.replica import Replica
 from crdt_merge.sync import reconcile, wire
 from server.antientropy import AntiEntropy
@@ -79,7 +79,9 @@ class Service:
         with self._resolving:
             try:
                 the_plan = plan(r)
-            except PlanError as exc:
+            # RecipeError: the winning recipe names a method or parameters this installation
+            # does not know (a valid op all the same): no plan here, not a bad request
+            except (PlanError, RecipeError) as exc:
                 return {"state_root": root, "checkpoint_id": None, "plan_id": None,
                         "numeric_profile": numeric_profile(), "files": [],
                         "detail": exc.detail}

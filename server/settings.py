@@ -12,6 +12,14 @@
     CRDT_MERGE_TRANSFER_WORKERS   objects fetched at once when pulling (4)
     CRDT_MERGE_CHECKPOINT_DIR     where GET /v1/checkpoint renders checkpoints
                                   (REPLICA/checkpoints)
+    CRDT_MERGE_HEADER_TIMEOUT     seconds a client has to send a request line and headers,
+                                  from connecting or from the request's first byte (20)
+    CRDT_MERGE_BODY_TIMEOUT       seconds the server waits for the next part of a request
+                                  body, or for the unread rest of one it answered (30)
+    CRDT_MERGE_MIN_BODY_RATE      bytes per second a request body must average once it
+                                  has taken BODY_TIMEOUT seconds (1024)
+    CRDT_MERGE_MAX_HEADER_BYTES   largest request line and headers, in bytes (16 KiB)
+    CRDT_MERGE_MAX_HEADERS        most headers in one request (100)
 
 Token file: one token per line, ``SITE SCOPES TOKEN``, scopes comma-separated from
 ``read``, ``contribute``, ``admin`` (each implies the ones before it); ``#`` starts a
@@ -101,6 +109,11 @@ class Settings:
     max_message_bytes: int = 32 << 20
     transfer_workers: int = 4
     checkpoint_dir: Path | None = None
+    header_timeout: float = 20.0
+    body_timeout: float = 30.0
+    min_body_rate: int = 1024
+    max_header_bytes: int = 16 << 10
+    max_headers: int = 100
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -152,6 +165,15 @@ class Settings:
             transfer_workers=pick("transfer_workers", "CRDT_MERGE_TRANSFER_WORKERS",
                                   cls.transfer_workers, int),
             checkpoint_dir=pick("checkpoint_dir", "CRDT_MERGE_CHECKPOINT_DIR", None, Path),
+            header_timeout=pick("header_timeout", "CRDT_MERGE_HEADER_TIMEOUT",
+                                cls.header_timeout, float),
+            body_timeout=pick("body_timeout", "CRDT_MERGE_BODY_TIMEOUT", cls.body_timeout,
+                              float),
+            min_body_rate=pick("min_body_rate", "CRDT_MERGE_MIN_BODY_RATE", cls.min_body_rate,
+                               int),
+            max_header_bytes=pick("max_header_bytes", "CRDT_MERGE_MAX_HEADER_BYTES",
+                                  cls.max_header_bytes, int),
+            max_headers=pick("max_headers", "CRDT_MERGE_MAX_HEADERS", cls.max_headers, int),
         )
         if given:
             raise BadParameter(f"unknown settings: {sorted(given)}")
@@ -160,6 +182,11 @@ class Settings:
                 raise BadParameter(f"peer {peer!r} is not an http(s) URL")
         if settings.sync_interval <= 0 or settings.transfer_workers < 1:
             raise BadParameter("the sync interval and transfer workers must be positive")
+        if (min(settings.header_timeout, settings.body_timeout) <= 0
+                or min(settings.min_body_rate, settings.max_header_bytes,
+                       settings.max_headers) < 1):
+            raise BadParameter("the header and body timeouts, the minimum body rate and the "
+                               "header limits must be positive")
         return settings
 
     def with_(self, **changes: Any) -> Settings:

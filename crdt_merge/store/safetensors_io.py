@@ -23,9 +23,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crdt_merge.errors import ModelImportError
-from crdt_merge.store.manifests import DTYPE_SIZES
+from crdt_merge.store.manifests import DTYPE_SIZES, MAX_TENSOR_NAME
 
 MAX_HEADER = 100 * 1024 * 1024
+#: what a manifest can record (specs/formats.md section 4): dimensions and their sizes
+MAX_DIMS = 8
+MAX_DIM = 2**40
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are distinct (``json.loads`` would keep the last of a
+    repeated key silently; two readers could then see two different tensors)."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ModelImportError(f"the header names {key[:60]!r} twice")
+        out[key] = value
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -61,9 +79,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                                    f"({size} bytes): truncated or not safetensors")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelImportError(f"{path}: header is not JSON ({exc})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except ModelImportError as exc:
+        raise ModelImportError(f"{path}: {exc.detail}") from None
+    # ValueError: not UTF-8, not JSON, or a number too long to read; RecursionError: nesting
+    except (ValueError, RecursionError) as exc:
+        raise ModelImportError(f"{path}: header is not JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise ModelImportError(f"{path}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -72,13 +93,24 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, rec in header.items():
-        if not isinstance(rec, dict) or rec.get("dtype") not in DTYPE_SIZES:
-            raise ModelImportError(f"{path}: tensor {name!r} has no known dtype")
+        shown = repr(name[:60])
+        try:
+            name.encode()
+        except UnicodeEncodeError:  # a lone surrogate, written "\ud800" in the JSON
+            raise ModelImportError(f"{path}: tensor name {shown} is not valid Unicode") from None
+        if not name or len(name) > MAX_TENSOR_NAME:
+            raise ModelImportError(f"{path}: tensor name {shown} is empty or longer than "
+                                   f"{MAX_TENSOR_NAME} characters")
+        if (not isinstance(rec, dict) or not isinstance(rec.get("dtype"), str)
+                or rec["dtype"] not in DTYPE_SIZES):
+            raise ModelImportError(f"{path}: tensor {shown} has no known dtype")
         shape, offsets = rec.get("shape"), rec.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(_is_int(d) and 0 <= d < MAX_DIM for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
-            raise ModelImportError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+                or not all(_is_int(o) for o in offsets)):
+            raise ModelImportError(f"{path}: tensor {shown} has a malformed shape or offsets "
+                                   f"(at most {MAX_DIMS} dimensions, each below 2^40)")
         begin, end = offsets
         if end - begin != math.prod(shape) * DTYPE_SIZES[rec["dtype"]] or begin < 0:
             raise ModelImportError(f"{path}: tensor {name!r}: offsets {offsets} do not match "

@@ -8,6 +8,8 @@ The transport errors extend the tree of :mod:`crdt_merge.errors` under ``SyncErr
         ├── Unauthenticated (PermissionError)   401: no bearer token, or an unknown one
         ├── Forbidden (PermissionError)         403: the token lacks the scope
         ├── BodyTooLarge (ValueError)           413: a body over the server's limit
+        ├── RequestTimeout (TimeoutError)       408: a body that stalled or trickled
+        ├── HeadersTooLarge (ValueError)        431: too many or too large headers
         └── PeerUnreachable (ConnectionError)   the connection failed or broke
 
 Their ``code`` values travel in ``{code, detail}`` error bodies like every other error's, and
@@ -53,6 +55,25 @@ class BodyTooLarge(TransportError, ValueError):
         self.limit = limit
 
 
+class RequestTimeout(TransportError, TimeoutError):
+    code = "request_timeout"
+
+    def __init__(self, seconds: float, received: int) -> None:
+        super().__init__(f"the request body stalled or arrived too slowly ({received} bytes in "
+                         f"{seconds:.1f} s); send it again on a better connection")
+        self.received = received
+
+
+class HeadersTooLarge(TransportError, ValueError):
+    code = "headers_too_large"
+
+    def __init__(self, limit: int, count: int) -> None:
+        super().__init__(f"the request line and headers are over this server's limit of "
+                         f"{limit} bytes or {count} headers")
+        self.limit = limit
+        self.count = count
+
+
 class PeerUnreachable(TransportError, ConnectionError):
     code = "peer_unreachable"
 
@@ -81,7 +102,7 @@ def error_from_body(status: int, body: bytes) -> CrdtMergeError:
         code, detail = value["code"], value["detail"]
         if not isinstance(code, str) or not isinstance(detail, str):
             raise TypeError
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: deep nesting
         text = body[:200].decode("utf-8", "replace")
         return PeerError(f"the peer answered HTTP {status} without an error body: {text!r}")
     cls = error_for_code(code)
@@ -90,9 +111,10 @@ def error_from_body(status: int, body: bytes) -> CrdtMergeError:
     fields = value.get("fields")
     if isinstance(fields, dict):
         for key, val in fields.items():
-            # data attributes only: nothing the class defines (args, code, methods...)
+            # data attributes only: nothing the class defines (args, code, methods...), and
+            # not ``detail``, which the body's own string set
             if (isinstance(key, str) and key.isidentifier() and not key.startswith("_")
-                    and not hasattr(cls, key)):
+                    and key != "detail" and not hasattr(cls, key)):
                 setattr(exc, key, val)
     return exc
 
