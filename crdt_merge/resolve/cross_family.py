@@ -11,8 +11,9 @@ tensor is split into its canonical parts (fused tensors), each merged matrix par
 donors' depth-mapped canonical tensors (split out of their own fused tensors) and
 :func:`crdt_merge.families.align.merge_matrix`, and the parts are joined back and rounded
 once. The output has the anchor's architecture, names, shapes, config and tokenizer.
-Memory per job: the anchor tensor, one native tensor per donor, and an SVD's workspace.
-specs/cross-family.md is normative.
+Memory per job: the anchor tensor, one native tensor per donor (both widened to float64),
+their Gram matrices (min(m, n) squared) and one factorisation's workspace; never the
+model. specs/cross-family.md is normative.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from crdt_merge.store.tensors import TORCH_DTYPES, load_tensor
 __all__ = ["ALIGN_VERSION", "NAME", "CrossJob", "plan_jobs", "plan_section", "run_job"]
 
 #: the version of the formulas in specs/cross-family.md; part of every cross-family plan id
-ALIGN_VERSION = 1
+#: (2: the Gram route, squared noise floor, inverse iteration for the kept vectors)
+ALIGN_VERSION = 2
 #: the roles whose weight matrices are merged; every other tensor is the anchor's
 ATTN_ROLES = ("attn_q", "attn_k", "attn_v", "attn_o")
 MLP_ROLES = ("mlp_gate", "mlp_up", "mlp_down")
@@ -377,7 +379,7 @@ def merge_parts(job: CrossJob, load: Any) -> torch.Tensor:
 
 def run_job(job: CrossJob) -> tuple[str, list[str]]:
     """Compute one output tensor, write it at its place in the output file, return its
-    piece ids. One torch thread: the SVD's bits depend on the thread count."""
+    piece ids. One torch thread: MKL's bits depend on the thread count."""
     torch.set_num_threads(1)
     store = _store(job.store)
 

@@ -14,11 +14,13 @@ Run (docs/benchmarks.md, "Cross-family memory")::
 
     .venv/bin/python tests/bench/cross_family_memory.py --out cross-family-memory.json
 
-``--hidden 4096 --layers 1`` runs one layer at the real 7B widths; it is not in the default
-scans because one float64 SVD of an 11008 x 4096 matrix takes tens of minutes on one thread
-of a small machine (the method runs every SVD single-threaded, for determinism).
-``--matrix 11008x4096 14336x4096`` merges only the largest 7B matrix pair (Llama-2-7B's MLP
-anchor, Mistral-7B's MLP donor) in a fresh process: the per-job peak at 7B widths.
+``--hidden 4096 --layers 1,2,4`` runs the layer scan at the real 7B widths (hidden 4096,
+intermediate 11008 for the anchor and 14336 for the donor, 8 KV heads for the donor);
+``--parallel`` runs those resolves side by side (each in its own process: the peaks are
+per process, only the seconds suffer). ``--matrix 11008x4096 14336x4096`` merges only the
+largest 7B matrix pair in a fresh process: the per-job peak at 7B widths. ``--costs
+4096x4096`` times, single-threaded, each LAPACK and BLAS call of the previous SVD route and
+of the Gram route on one matrix of that shape.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-VOCAB = 32000
 HEAD_DIM = 128
+VOCAB = 32000  # --vocab changes it (embeddings and lm_head follow the anchor anyway)
 
 
 def shapes(kind: str, hidden: int, layers: int) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
@@ -122,13 +124,14 @@ def child(replica_dir: str, out: str) -> None:
     from crdt_merge.resolve import resolve
 
     before = _status_kib("VmRSS")
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     with Replica.open(replica_dir) as r:
         result = resolve(r, out, workers=1)
     after = _status_kib("VmHWM")
     print(json.dumps({"rss_start_mib": round(before / 1024, 1),
                       "rss_peak_mib": round(after / 1024, 1),
                       "seconds": round(time.time() - t, 1),
+                      "cpu_seconds": round(time.process_time() - cpu, 1),
                       "checkpoint_id": result.checkpoint_id}))
 
 
@@ -142,26 +145,69 @@ def one_matrix(anchor_shape: tuple[int, int], donor_shape: tuple[int, int]) -> N
     a = torch.randn(anchor_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     w = torch.randn(donor_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     before = _status_kib("VmRSS")
-    t = time.time()
+    t, cpu, load = time.time(), time.process_time(), _load()
     result = merge_matrix(a, [w], [1.0], tau=0.2, k=3, beta=0.6)
     print(json.dumps({"anchor_shape": list(anchor_shape), "donor_shape": list(donor_shape),
                       "inputs_mib": round((a.numel() + w.numel()) * 8 / 2**20, 1),
                       "rss_start_mib": round(before / 1024, 1),
                       "rss_peak_mib": round(_status_kib("VmHWM") / 1024, 1),
-                      "seconds": round(time.time() - t, 1), "kept": list(result.kept)}),
+                      "seconds": round(time.time() - t, 1),
+                      "cpu_seconds": round(time.process_time() - cpu, 1),
+                      "load_start": load, "load_end": _load(), "kept": list(result.kept)}),
           flush=True)
+
+
+def _load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def measure(hidden: int, layers: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cf-mem-") as tmp:
         work = Path(tmp)
+        t = time.time()
         row = prepare(work, hidden, layers)
+        row["prepare_seconds"] = round(time.time() - t, 1)
+        row["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        row["load_start"] = _load()
         proc = subprocess.run([sys.executable, __file__, "--child", str(work / "replica"),
                                str(work / "out")], capture_output=True, text=True, check=True)
         row |= json.loads(proc.stdout.strip().splitlines()[-1])
+        row["load_end"] = _load()
     row["peak_minus_start_mib"] = round(row["rss_peak_mib"] - row["rss_start_mib"], 1)
     print(json.dumps(row), flush=True)
     return row
+
+
+def costs(shape: tuple[int, int]) -> None:
+    """Time each LAPACK/BLAS call of both routes on one float64 matrix, one thread."""
+    import torch
+
+    from crdt_merge.families.align import eigenvalues, gram, kept_vectors
+
+    torch.set_num_threads(1)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = min(shape)
+
+    def timed(name: str, f: Any) -> Any:
+        load = _load()
+        t, cpu = time.perf_counter(), time.process_time()
+        value = f()
+        print(json.dumps({"shape": list(shape), "call": name,
+                          "seconds": round(time.perf_counter() - t, 2),
+                          "cpu_seconds": round(time.process_time() - cpu, 2), "load": load}),
+              flush=True)
+        return value
+
+    timed("svd route: svdvals (gesdd, no vectors)", lambda: torch.linalg.svdvals(a))
+    timed("svd route: svd economy (gesdd)", lambda: torch.linalg.svd(a, full_matrices=False))
+    g = timed("gram route: gram (lower blocks)", lambda: gram(a))
+    timed("full gram a^T a (one gemm, for comparison)", lambda: a.T @ a if shape[0] >= shape[1]
+          else a @ a.T)
+    lam = timed("gram route: eigvalsh (syevd, no vectors)", lambda: eigenvalues(g))
+    timed("eigh (syevd with vectors)", lambda: torch.linalg.eigh(g))
+    timed("gram route: 1 kept vector (inverse iteration)", lambda: kept_vectors(g, lam, [0]))
+    timed("gram route: 3 kept vectors (inverse iteration)",
+          lambda: kept_vectors(g, lam, [0, r // 2, r - 1]))
 
 
 def main(argv: list[str]) -> int:
@@ -170,12 +216,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scan-width", type=int, default=512, help="hidden size of the layer scan")
     p.add_argument("--scan-layers", default="1,2,4,8", help="layer counts of the layer scan")
     p.add_argument("--widths", default="256,512,1024", help="hidden sizes of the width scan")
-    p.add_argument("--hidden", type=int, help="one run at this hidden size (with --layers)")
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--hidden", type=int, help="runs at this hidden size (with --layers)")
+    p.add_argument("--layers", default="1", help="layer counts of the --hidden runs")
+    p.add_argument("--parallel", action="store_true", help="run the --hidden runs side by side")
+    p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary of both models")
     p.add_argument("--matrix", nargs=2, metavar=("MxN", "MxN"),
                    help="merge one anchor/donor matrix pair of these shapes and report")
+    p.add_argument("--costs", metavar="MxN", help="time each linear-algebra call on MxN")
     p.add_argument("--child", nargs=2, metavar=("REPLICA", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    globals()["VOCAB"] = args.vocab
     if args.child:
         child(*args.child)
         return 0
@@ -183,9 +233,19 @@ def main(argv: list[str]) -> int:
         a, w = (tuple(int(x) for x in m.split("x")) for m in args.matrix)
         one_matrix(a, w)  # type: ignore[arg-type]
         return 0
+    if args.costs:
+        costs(tuple(int(x) for x in args.costs.split("x")))  # type: ignore[arg-type]
+        return 0
     rows = []
     if args.hidden:
-        rows.append(measure(args.hidden, args.layers))
+        counts = [int(x) for x in args.layers.split(",")]
+        if args.parallel:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(counts)) as pool:
+                rows = list(pool.map(lambda n: measure(args.hidden, n), counts))
+        else:
+            rows = [measure(args.hidden, n) for n in counts]
     else:
         for layers in (int(x) for x in args.scan_layers.split(",")):
             rows.append({"scan": "layers", **measure(args.scan_width, layers)})

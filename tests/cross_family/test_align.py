@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdt_merge.families.align import (
+    INVERSE_MAX,
     NOISE_FLOOR,
     depth_map,
     merge_matrix,
@@ -105,7 +107,13 @@ def merge_cases(draw):
     shapes = [(draw(dims()), draw(dims())) for _ in range(count)]
     donors = [gaussian(seed + 1 + j, *shape) * draw(st.floats(0.1, 10)) for j, shape in enumerate(shapes)]
     weights = [draw(st.sampled_from([0.25, 0.5, 1.0, 2.0])) for _ in shapes]
-    return (gaussian(seed, m, n), donors, weights, draw(st.sampled_from([0.0, 0.01, 0.05, 0.2, 1.0, 10.0])),
+    anchor = gaussian(seed, m, n)
+    condition = draw(st.sampled_from([None, 1e4, 1e8]))
+    if condition is not None:  # a planted, log-spaced spectrum: where squaring costs most
+        r = min(m, n)
+        spectrum = torch.logspace(0, -math.log10(condition), r, dtype=torch.float64)
+        anchor = (orthonormal_columns(seed + 5, m, r) * spectrum) @ orthonormal_columns(seed + 6, n, r).T
+    return (anchor, donors, weights, draw(st.sampled_from([0.0, 0.01, 0.05, 0.2, 1.0, 10.0])),
             draw(st.integers(0, 6)), draw(st.sampled_from([0.0, 0.3, 0.6, 0.9, 1.0])))
 
 
@@ -125,12 +133,13 @@ def test_rank_trust_region_and_spectrum(case) -> None:
     bound = (1 - beta) * tau * float(torch.linalg.matrix_norm(a))
     assert float(torch.linalg.matrix_norm(update)) <= bound * (1 + 1e-9) + 1e-300
     # the output keeps the anchor's singular vectors: its spectrum is sigma + g, all >= 0
-    sigma = singular_values(a)
+    # (checked against LAPACK's SVD, not against the Gram route under test)
+    sigma = torch.linalg.svdvals(a)
     expected = sigma.clone()
     for i, g in zip(result.kept, result.gains, strict=True):
         expected[i] = expected[i] + g
-    assert bool((expected >= -1e-12).all())
-    got = singular_values(result.out)
+    assert bool((expected >= -1e-12 * float(sigma[0])).all())
+    got = torch.linalg.svdvals(result.out)
     assert torch.allclose(got, expected.sort(descending=True).values, atol=1e-9 * float(sigma[0]))
 
 
@@ -161,8 +170,8 @@ def test_thread_count_does_not_change_a_bit(case) -> None:
 
 
 def test_single_thread_makes_lapack_ignore_the_callers_thread_count() -> None:
-    """MKL's SVD bits follow the thread count (measured: see the module docstring of
-    crdt_merge.families.align), so every SVD runs inside single_thread()."""
+    """MKL's bits follow the thread count (measured: see the module docstring of
+    crdt_merge.families.align), so every BLAS and LAPACK call runs inside single_thread()."""
     a = gaussian(7, 300, 200)
     before = torch.get_num_threads()
     runs = {}
@@ -171,11 +180,32 @@ def test_single_thread_makes_lapack_ignore_the_callers_thread_count() -> None:
             torch.set_num_threads(threads)
             with single_thread():
                 assert torch.get_num_threads() == 1
-                runs[threads] = torch.linalg.svdvals(a)
+                runs[threads] = torch.linalg.eigvalsh(a.T @ a)
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
     assert same_bits(runs[1], runs[2])
+
+
+@pytest.mark.parametrize("k", [3, INVERSE_MAX + 2])
+def test_a_matrix_large_enough_for_mkl_threads_gives_the_same_bits(k: int) -> None:
+    """Several Gram blocks, LAPACK sizes where MKL would use two threads, and both ways of
+    finding the kept vectors (inverse iteration, eigh): the caller's thread count never
+    shows in the bits."""
+    a, w = gaussian(11, 700, 560), gaussian(12, 900, 600) * 1.5
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            runs.append(merge_matrix(a, [w], [1.0], tau=0.2, k=k, beta=0.3))
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0].vectors == ("inverse" if k <= INVERSE_MAX else "eigh")
+    assert len(runs[0].kept) == k
+    for other in runs[1:]:
+        assert other.kept == runs[0].kept and other.gains == runs[0].gains
+        assert same_bits(other.out, runs[0].out)
 
 
 def test_donor_scale_does_not_matter_and_a_zero_donor_counts_as_no_change() -> None:
@@ -194,12 +224,28 @@ def test_top_k_ties_go_to_the_lower_index_and_zeros_are_never_kept() -> None:
     assert top_k(d, 1) == [1] and top_k(d, 3) == [1, 2, 3] and top_k(d, 10) == [1, 2, 3, 4]
 
 
-def test_the_noise_floor_is_relative_to_the_largest_singular_value() -> None:
-    sigma = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
-    tiny = NOISE_FLOOR * 4.0
-    omega = torch.tensor([4.0, 2.0 + tiny, 1.0 + 4 * tiny], dtype=torch.float64)
-    delta = spectral_delta(sigma, omega).delta
-    assert delta[1] == 0 and delta[2] != 0
+def test_the_noise_floor_applies_to_squares_relative_to_the_largest() -> None:
+    """``d_i = 0`` where ``|d_i| (rho_i + sigma_i) <= 2^-40 sigma_0^2`` (noise of the squared
+    route) or ``sigma_i^2 <= 2^-40 sigma_0^2`` (a direction the anchor does not resolve),
+    each operation rounded as the spec writes it."""
+    sigma = torch.tensor([4.0, 2.0, 0.125, 2.0**-30], dtype=torch.float64)
+    omega = [4.0, 2.0 + 2.0**-44, 0.125, 2.0**-16]
+    spectrum = spectral_delta(sigma, torch.tensor(omega, dtype=torch.float64))
+    s = spectrum.scale
+    exact = (sum(Fraction(a) * Fraction(b) for a, b in zip(sigma.tolist(), omega, strict=True))
+             / sum(Fraction(b) ** 2 for b in omega))
+    assert abs(Fraction(s) - exact) <= exact * Fraction(2) ** -50
+    floor = NOISE_FLOOR * (4.0 * 4.0)
+    expected = []
+    for x, w in zip(sigma.tolist(), omega, strict=True):
+        rho = w * s
+        d = rho - x
+        expected.append(0.0 if abs(d) * (rho + x) <= floor or x * x <= floor else d)
+    assert spectrum.delta.tolist() == expected
+    # index 2 is noise (|rho^2 - sigma^2| tiny); index 3 differs a lot, but sigma_3^2 = 2^-60
+    # is below the floor: the anchor has no resolved direction there to change
+    assert expected[0] != 0 and expected[1] != 0 and expected[2] == 0 and expected[3] == 0
+    assert abs(omega[3] * s - 2.0**-30) * (omega[3] * s + 2.0**-30) > floor
 
 
 def test_bad_input_is_refused() -> None:
