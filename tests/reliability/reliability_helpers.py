@@ -24,18 +24,13 @@ from urllib.parse import urlsplit
 
 import blake3
 import httpx
-import torch
 
 from crdt_merge.replica import Replica
-from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
 from crdt_merge.store.objects import ObjectFiles
 from tests.server.http_helpers import (
-    PIECE_SIZE,
     PYTHON,
     REPO,
-    cut,
-    model_tensors,
-    tensor_bytes,
+    put_model,
     wait_for,
 )
 
@@ -62,17 +57,7 @@ def padded_model(replica: Replica, seed: int, pad: int = 160_000) -> str:
     """Store a model (http_helpers' tensors, 4 KiB pieces) whose manifest carries ``pad``
     bytes of notes in its meta, so that the manifest crosses the wire in several chunks (a
     transfer killed after its first chunk leaves a real prefix). Returns the manifest id."""
-    store = replica.store
-    tensors = {}
-    for name, t in sorted(model_tensors(seed).items()):
-        dtype = {torch.float32: "F32", torch.bfloat16: "BF16"}[t.dtype]
-        ids = tuple(store.put(p) for p in cut(tensor_bytes(t)))
-        tensors[name] = TensorRecord(dtype, tuple(t.shape), ids)
-    config = json.dumps({"model_type": "test", "seed": seed}).encode()
-    files = {"config.json": FileRecord(len(config), tuple(store.put(p) for p in cut(config)))}
-    notes = blake3.blake3(f"notes-{seed}".encode()).hexdigest(length=pad // 2)
-    meta = {"family": "test", "notes": notes}
-    return replica.put_manifest(Manifest(PIECE_SIZE, tensors, files, meta))
+    return put_model(replica, seed, blake3.blake3(f"notes-{seed}".encode()).hexdigest(length=pad // 2))
 
 
 def contribute_padded(replica: Replica, seed: int, pad: int = 160_000) -> str:

@@ -72,8 +72,9 @@ def model_tensors(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def put_model(replica: Replica, seed: int) -> str:
-    """Store a model's pieces and manifest in ``replica``; return the manifest id."""
+def put_model(replica: Replica, seed: int, notes: str | None = None) -> str:
+    """Store a model's pieces and manifest in ``replica``; return the manifest id.
+    ``notes`` go into the manifest's meta (to make a manifest of a chosen size)."""
     store = replica.store
     tensors = {}
     for name, t in sorted(model_tensors(seed).items()):
@@ -82,7 +83,8 @@ def put_model(replica: Replica, seed: int) -> str:
         tensors[name] = TensorRecord(dtype, tuple(t.shape), ids)
     config = json.dumps({"model_type": "test", "seed": seed}).encode()
     files = {"config.json": FileRecord(len(config), tuple(store.put(p) for p in cut(config)))}
-    return replica.put_manifest(Manifest(PIECE_SIZE, tensors, files, {"family": "test"}))
+    meta = {"family": "test"} if notes is None else {"family": "test", "notes": notes}
+    return replica.put_manifest(Manifest(PIECE_SIZE, tensors, files, meta))
 
 
 def contribute(replica: Replica, seed: int, weight: str = "1") -> str:
