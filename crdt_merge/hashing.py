@@ -8,7 +8,9 @@ kind of object an id names; :func:`check_id` is the one place ids from outside a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import NewType
 
 import blake3
@@ -25,15 +27,28 @@ SiteId = NewType("SiteId", str)
 _ID = re.compile(r"[0-9a-f]{64}")
 
 _THREADED_FROM = 1 << 20
+_LOCAL = threading.local()
 STATE_ROOT_DOMAIN = b"crdt-merge/state-root/v1\x00"
 
 
 def digest(data: bytes | bytearray | memoryview) -> str:
     """The BLAKE3-256 of ``data`` as 64 lowercase hex characters (large inputs are hashed
     on several threads; BLAKE3's tree makes the digest the same)."""
-    if len(data) >= _THREADED_FROM:
+    if len(data) >= _THREADED_FROM and not getattr(_LOCAL, "serial", False):
         return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
     return blake3.blake3(data).hexdigest()
+
+
+@contextmanager
+def serial() -> Iterator[None]:
+    """Within it, :func:`digest` hashes on this thread only: for work already spread over
+    one thread per core, where BLAKE3's own threads would only contend (same digests)."""
+    before = getattr(_LOCAL, "serial", False)
+    _LOCAL.serial = True
+    try:
+        yield
+    finally:
+        _LOCAL.serial = before
 
 
 def is_id(value: object) -> bool:

@@ -12,10 +12,12 @@ they may fuse multiply-add or reorder.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
-import torch  # crdt_merge/__init__ has set MKL_CBWR before this import
 
 from crdt_merge import NUMERIC_VERSION  # noqa: E402,F401  (re-exported)
+from crdt_merge.lazy import torch
 
 
 def fixed_sum(x: torch.Tensor) -> torch.Tensor:
@@ -52,11 +54,30 @@ _LOW29 = (1 << 29) - 1
 """The float64 significand bits below float32's."""
 
 
-def _to_float32_round_to_odd(x: torch.Tensor) -> torch.Tensor:
+_WORK = threading.local()
+_WORK_MAX = 1 << 17
+"""Temporaries of up to this many elements (the blocks merges work in) come from buffers
+each thread keeps: allocating them anew for every block makes the C allocator give memory
+back to the system and take it again, page faults and all, many times a second."""
+
+
+def _tmp(slot: str, dtype: type, n: int) -> np.ndarray:
+    """A temporary array of ``n`` elements for this thread's use under the name ``slot``
+    (never returned to a caller: the next call with that slot overwrites it)."""
+    if n > _WORK_MAX:
+        return np.empty(n, dtype)
+    bufs = _WORK.__dict__.setdefault("bufs", {})
+    buf = bufs.get((slot, dtype))
+    if buf is None:
+        buf = bufs[(slot, dtype)] = np.empty(_WORK_MAX, dtype)
+    return buf[:n]
+
+
+def _to_float32_round_to_odd(x: np.ndarray) -> np.ndarray:
     """float64 -> float32 rounding to odd: ``x`` when it is a float32, else its float32
     neighbour whose last significand bit is one. Rounding to odd first and then to nearest
     even in a format at least two bits narrower equals rounding once (Boldo and Melquiond,
-    2008).
+    2008). The result is a temporary (see :func:`_tmp`).
 
     On the bit pattern (integer operations, exact on every kernel): clear the 29 bits
     below float32's significand and set the lowest kept bit if any of them was one (it is
@@ -66,43 +87,120 @@ def _to_float32_round_to_odd(x: torch.Tensor) -> torch.Tensor:
     would). Values that land below float32's normal range are rare and take the exact
     comparison-based rule, :func:`_round_to_odd_exact`.
     """
-    bits = x.detach().contiguous().numpy().view(np.int64)  # numpy: fast integer kernels
-    low = np.bitwise_and(bits, _LOW29)
-    sticky = np.add(low, _LOW29)
+    bits = np.ascontiguousarray(x, dtype=np.float64).reshape(-1).view(np.int64)
+    n = bits.size
+    low = np.bitwise_and(bits, _LOW29, out=_tmp("low", np.int64, n))
+    sticky = np.add(low, _LOW29, out=_tmp("sticky", np.int64, n))
     np.bitwise_and(sticky, 1 << 29, out=sticky)
     np.bitwise_xor(bits, low, out=low)  # the bits with the low 29 cleared
     np.bitwise_or(low, sticky, out=low)
-    with np.errstate(over="ignore"):  # beyond float32's range: infinity, as intended
-        out = low.view(np.float64).astype(np.float32)
+    out = _tmp("odd", np.float32, n)
+    # beyond float32's range: infinity, as intended; a signalling NaN: quiet, as intended
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(out, low.view(np.float64), casting="same_kind")
     # zero iff the float32 is subnormal and not zero: |out bits| - 1 in [0, 2**23)
-    sub = np.bitwise_and(out.view(np.int32), 0x7FFFFFFF)
+    sub = np.bitwise_and(out.view(np.int32), 0x7FFFFFFF, out=_tmp("sub", np.int32, n))
     np.subtract(sub, 1, out=sub)
     np.right_shift(sub, 23, out=sub)
-    result = torch.from_numpy(out).reshape(x.shape)
-    if np.count_nonzero(sub) < sub.size:
-        where = torch.from_numpy(np.flatnonzero(sub == 0))
-        flat = result.reshape(-1)
-        flat[where] = _round_to_odd_exact(x.reshape(-1)[where])
-    return result
+    if np.count_nonzero(sub) < n:
+        where = np.flatnonzero(sub == 0)
+        out[where] = _round_to_odd_exact(bits.view(np.float64)[where])
+    return out
 
 
-def _round_to_odd_exact(x: torch.Tensor) -> torch.Tensor:
+def _round_to_odd_exact(x: np.ndarray) -> np.ndarray:
     """The same rounding as :func:`_to_float32_round_to_odd`, by comparisons: from ``f``,
     ``x`` rounded to nearest, when ``f != x`` and ``f``'s last bit is zero the odd
     neighbour is one ulp from ``f`` toward ``x``: bit pattern plus one when ``|x| > |f|``,
     minus one otherwise (float magnitudes are ordered like their bit patterns, zero and
     subnormals included). ``x - f`` is exact, so its sign tells which way."""
-    f = x.to(torch.float32)
-    bits = f.view(torch.int32)
-    d = x - f.to(torch.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f = x.astype(np.float32)
+        d = x - f.astype(np.float64)
+    bits = f.view(np.int32)
     fix = (d != 0) & (d == d) & ((bits & 1) == 0)  # inexact, not NaN, even
     up = (d > 0) == (x > 0)  # |x| > |f|
-    step = fix.to(torch.int32).mul_(up.to(torch.int32).mul_(2).sub_(1))
-    return (bits + step).view(torch.float32)
+    step = fix.astype(np.int32) * (up.astype(np.int32) * 2 - 1)
+    return (bits + step).view(np.float32)
+
+
+RAW_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+"""How numpy holds each float dtype's stored bits (numpy has no bfloat16: its bits)."""
+
+_BF16_NAN = 0x7FC0
+_F16_NAN = 0x7E00
+
+
+def widen_raw(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """The float64 values of stored bits ``raw`` of ``dtype`` (``RAW_DTYPES``), exactly.
+    Returns ``raw`` itself for float64 (never modify the result in place), else ``out``
+    (float64, of ``raw``'s length) filled."""
+    if dtype == "F64":
+        return raw
+    if dtype == "BF16":  # a bfloat16 is the top half of the float32 of the same value
+        wide = _tmp("wide", np.uint32, raw.size)
+        np.copyto(wide, raw)
+        np.left_shift(wide, 16, out=wide)
+        raw = wide.view(np.float32)
+    with np.errstate(invalid="ignore"):  # a signalling NaN arrives quiet: still a NaN
+        np.copyto(out, raw)
+    return out
+
+
+def round_raw(x: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Round the float64 values ``x`` once to ``dtype`` (to nearest, ties to even), into
+    ``out``, that dtype's stored bits (``RAW_DTYPES``).
+
+    bfloat16 and float16 go through float32 rounded to odd (a second rounding to a format
+    this much narrower is then exact). A NaN becomes one fixed pattern (bfloat16 ``0x7FC0``,
+    float16 the sign and ``0x7E00``), not whatever a conversion kernel makes of its payload:
+    torch's own conversions do not agree on it between their vectorised and scalar code.
+    """
+    if dtype == "F64":
+        np.copyto(out, x)
+        return
+    if dtype == "F32":
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32's range: inf
+            np.copyto(out, x, casting="same_kind")
+        return
+    odd = _to_float32_round_to_odd(x)
+    bits = odd.view(np.uint32)
+    nan = np.isnan(odd, out=_tmp("nan", np.bool_, odd.size))
+    if dtype == "BF16":
+        # to nearest even on the top 16 bits: add 0x7FFF plus the lowest kept bit
+        lsb = np.right_shift(bits, 16, out=_tmp("lsb", np.uint32, bits.size))
+        np.bitwise_and(lsb, 1, out=lsb)
+        np.add(lsb, 0x7FFF, out=lsb)
+        np.add(lsb, bits, out=lsb)
+        np.right_shift(lsb, 16, out=lsb)
+        np.copyto(out, lsb, casting="unsafe")
+        if nan.any():
+            out[nan] = _BF16_NAN
+    elif dtype == "F16":
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(out, odd, casting="same_kind")
+        if nan.any():
+            half = out.view(np.uint16)
+            half[nan] = (np.right_shift(bits[nan], 16) & 0x8000) | _F16_NAN
+    else:
+        raise ValueError(f"not a float dtype: {dtype}")
+
+
+_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def raw_view(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A flat contiguous float tensor's stored bits as numpy (no copy), with its dtype name."""
+    name = _NAMES[str(t.dtype).removeprefix("torch.")]
+    flat = t.reshape(-1)
+    if name == "BF16":
+        return flat.view(torch.int16).numpy().view(np.uint16), name
+    return flat.numpy(), name
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round a float64 tensor to ``dtype`` once, to nearest with ties to even.
+    """Round a float64 tensor to ``dtype`` once, to nearest with ties to even
+    (:func:`round_raw`).
 
     torch casts float64 to bfloat16 and float16 through float32, rounding twice, which is
     off by one ulp where the float32 value lands exactly halfway between two values of the
@@ -111,4 +209,8 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if dtype in (torch.float64, torch.float32) or not dtype.is_floating_point:
         return x.to(dtype)
-    return _to_float32_round_to_odd(x.to(torch.float64)).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype)
+    values = x.detach().to(torch.float64).contiguous().reshape(-1).numpy()
+    raw, name = raw_view(out)
+    round_raw(values, name, raw)
+    return out

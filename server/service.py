@@ -86,15 +86,15 @@ class Service:
                         "numeric_profile": numeric_profile(), "files": [],
                         "detail": exc.detail}
             out = self.checkpoint_dir / the_plan.id
-            cached = r.store.index.get_meta(checkpoint_key(the_plan.id))
+            cached = r.store.index.get_meta(checkpoint_key(the_plan.id, the_plan.method))
             if cached is None or not out.is_dir():
                 result = execute(r, the_plan, out)
-                r.store.index.set_meta(checkpoint_key(the_plan.id), result.checkpoint_id.encode())
+                r.store.index.set_meta(checkpoint_key(the_plan.id, the_plan.method), result.checkpoint_id.encode())
                 cached = result.checkpoint_id.encode()
             checkpoint_id = cached.decode()
             self._resolved[the_plan.state_root or root] = (the_plan.id, checkpoint_id)
             files = [{"name": f.name, "size": f.stat().st_size}
                      for f in sorted(out.iterdir()) if f.is_file()]
             return {"state_root": the_plan.state_root or root, "checkpoint_id": checkpoint_id,
-                    "plan_id": the_plan.id, "numeric_profile": numeric_profile(),
+                    "plan_id": the_plan.id, "numeric_profile": numeric_profile(the_plan.method),
                     "files": files}

@@ -263,7 +263,7 @@ def cmd_resolve(args: Any) -> tuple[int, Any]:
             result = resolve_recorded(r, args.plan, args.out, workers=args.workers)
         else:
             result = resolve(r, args.out, workers=args.workers, max_shard_size=args.max_shard_size)
-        r.store.index.set_meta(checkpoint_key(result.plan_id), result.checkpoint_id.encode())
+        r.store.index.set_meta(checkpoint_key(result.plan_id, result.plan.method), result.checkpoint_id.encode())
         payload = result.to_json()
         payload["text"] = (f"checkpoint {result.checkpoint_id}\nplan {result.plan_id}\n"
                            f"state root {result.state_root}\nwritten to {result.out}")
@@ -279,14 +279,14 @@ def checkpoint_of(r: Replica) -> dict[str, Any]:
     except PlanError as exc:
         return {"state_root": r.state_root(), "checkpoint_id": None, "plan_id": None,
                 "detail": exc.detail, "numeric_profile": numeric_profile()}
-    cached = r.store.index.get_meta(checkpoint_key(p.id))
+    cached = r.store.index.get_meta(checkpoint_key(p.id, p.method))
     if cached is None:
         with tempfile.TemporaryDirectory() as tmp:
             result = resolve(r, Path(tmp) / "out")
-        r.store.index.set_meta(checkpoint_key(p.id), result.checkpoint_id.encode())
+        r.store.index.set_meta(checkpoint_key(p.id, p.method), result.checkpoint_id.encode())
         cached = result.checkpoint_id.encode()
     return {"state_root": r.state_root(), "checkpoint_id": cached.decode(), "plan_id": p.id,
-            "numeric_profile": numeric_profile()}
+            "numeric_profile": numeric_profile(p.method)}
 
 
 def cmd_verify(args: Any) -> tuple[int, Any]:

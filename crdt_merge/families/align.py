@@ -46,8 +46,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.numeric import fixed_dot, fixed_norm
 
 #: squared spectral differences at or below ``NOISE_FLOOR * sigma_0^2`` are float64

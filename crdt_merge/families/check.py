@@ -6,16 +6,18 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from crdt_merge.errors import ModelImportError
 from crdt_merge.families.canonical import CanonicalModel
 from crdt_merge.families.detect import detect
 from crdt_merge.families.fused import same_bits
+from crdt_merge.lazy import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 

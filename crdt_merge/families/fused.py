@@ -15,12 +15,13 @@ is ``t`` bit for bit, and the parts are new contiguous tensors that share no mem
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from crdt_merge.errors import ModelImportError, ShapeMismatch
+from crdt_merge.lazy import torch
 
 OPS = ("rows", "conv1d", "heads")
 REST = "*"

@@ -16,11 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import torch
+import numpy as np
 
 from crdt_merge.errors import BadParameter, RecipeError, ShapeMismatch, UnknownMethod
+from crdt_merge.lazy import torch
 from crdt_merge.methods.params import Scalar, leaves, parse_scalar
-from crdt_merge.numeric import round_to
+from crdt_merge.numeric import RAW_DTYPES, raw_view, round_to
 
 Scope = Literal["global", "per_model"]
 BasePolicy = Literal["required", "optional", "ignored"]
@@ -106,7 +107,11 @@ class TensorJob:
         options: global parameters already resolved for this tensor.
         keys: one 32-byte key per donor for counter-based randomness (random methods only).
         layer_index, num_layers: where the tensor sits, when a method needs it.
-        out_dtype: the dtype of the result; float64 values are rounded to it once.
+        out_dtype: the dtype of the result (default float64); float64 values are rounded
+            to it once.
+        out: where to put the result (a flat contiguous tensor of ``out_dtype`` with one
+            element per input element), or ``None`` for a new tensor. Streaming kernels
+            write into it; :meth:`Method.merge` copies any other kernel's result there.
     """
 
     name: str
@@ -117,7 +122,16 @@ class TensorJob:
     keys: Sequence[bytes] = ()
     layer_index: int | None = None
     num_layers: int | None = None
-    out_dtype: torch.dtype = torch.float64
+    out_dtype: torch.dtype = None  # type: ignore[assignment]  # float64, set below
+    out: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_dtype is None:  # the default, spelt here so importing never loads torch
+            object.__setattr__(self, "out_dtype", torch.float64)
+
+    def output(self, n: int) -> torch.Tensor:
+        """The flat output tensor of ``n`` elements: :attr:`out`, else a new one."""
+        return torch.empty(n, dtype=self.out_dtype) if self.out is None else self.out
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,48 @@ class Bound:
         return [p[name] for p in self.per_donor]
 
 
-Kernel = Callable[[TensorJob, Bound], torch.Tensor]
+Kernel = Callable[[TensorJob, Bound], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A flat array of one float dtype's stored bits (numpy; bfloat16 as ``uint16``).
+
+    Attributes:
+        values: the array (:data:`crdt_merge.numeric.RAW_DTYPES` gives its numpy dtype).
+        dtype: the safetensors name: ``"F64"``, ``"F32"``, ``"F16"`` or ``"BF16"``.
+    """
+
+    values: np.ndarray
+    dtype: str
+
+
+RawKernel = Callable[[Bound, "Raw | None", Sequence[Raw], Raw], None]
+"""``raw_kernel(bound, base, donors, out)``: an elementwise method's maths; fills ``out``."""
+
+
+def _named(name: str, raw_kernel: RawKernel, *args: object) -> None:
+    """Run a raw kernel; a parameter it refuses is reported with the tensor's name."""
+    try:
+        raw_kernel(*args)  # type: ignore[arg-type]
+    except BadParameter as exc:
+        raise BadParameter(f"{name}: {exc}") from None
+
+
+def via_raw(raw_kernel: RawKernel) -> Kernel:
+    """The tensor kernel of an elementwise method (streaming: inputs in their stored
+    dtype) that runs its raw kernel on numpy views of the tensors."""
+
+    def kernel(job: TensorJob, bound: Bound) -> torch.Tensor:
+        inputs = [job.base, *job.donors] if job.base is not None else list(job.donors)
+        shape = inputs[0].shape
+        out = job.output(inputs[0].numel())
+        raws = [Raw(*raw_view(t.contiguous())) for t in inputs]
+        base = raws.pop(0) if job.base is not None else None
+        _named(job.name, raw_kernel, bound, base, raws, Raw(*raw_view(out)))
+        return out.reshape(shape)
+
+    return kernel
 Check = Callable[[Mapping[str, Scalar | None], Mapping[str, Scalar | None], str], None]
 
 
@@ -154,6 +209,15 @@ class Method:
         streaming: the kernel takes its inputs in their stored dtype and widens them a
             block at a time (:func:`crdt_merge.methods.reduce.f64`); other kernels are
             handed whole float64 tensors.
+        raw_kernel: for an elementwise method (output element ``k`` depends only on
+            element ``k`` of each input and on the tensor's parameters), its maths over
+            numpy arrays of stored bits, ``raw_kernel(bound, base, donors, out)``
+            (:class:`Raw` each; it fills ``out``). Merging any split of the flat inputs
+            into ranges then gives the bytes of the whole, so resolve streams such a
+            tensor piece by piece from the store, without torch; ``kernel`` is then
+            :func:`via_raw` of it, so both paths run the same code.
+        blas: the bytes go through BLAS/LAPACK (matrix products, eigensolvers), so they
+            match only within one numeric profile, which then names the BLAS build.
     """
 
     name: str
@@ -166,6 +230,8 @@ class Method:
     random: bool = False
     check: Check | None = field(default=None, repr=False)
     streaming: bool = False
+    raw_kernel: RawKernel | None = field(default=None, repr=False)
+    blas: bool = False
 
     @property
     def needs_base(self) -> bool:
@@ -289,22 +355,27 @@ class Method:
 
     def bind(self, job: TensorJob) -> Bound:
         """Apply defaults and check types and ranges of one job's resolved parameters."""
+        return self.bind_values(job.name, job.options, job.params)
+
+    def bind_values(self, name: str, options_in: Mapping[str, object],
+                    params_in: Sequence[Mapping[str, object]]) -> Bound:
+        """:meth:`bind` of a tensor ``name``'s global and per-donor parameter values."""
         options: dict[str, Scalar | None] = {}
         for spec in self.params:
             if spec.scope == "global":
-                options[spec.name] = self._bind_one(spec, job.options, {}, job.name)
+                options[spec.name] = self._bind_one(spec, options_in, {}, name)
         known = {p.name for p in self.params}
-        for key in job.options:
+        for key in options_in:
             if key not in known:
-                raise BadParameter(self._unknown(key, f"tensor {job.name}"))
+                raise BadParameter(self._unknown(key, f"tensor {name}"))
         per_donor = []
-        for index, params in enumerate(job.params):
-            where = f"{job.name} donor #{index}"
+        for index, params in enumerate(params_in):
+            where = f"{name} donor #{index}"
             for key in params:
                 if key not in known:
                     raise BadParameter(self._unknown(key, where))
             mine = {
-                spec.name: self._bind_one(spec, params, job.options, where)
+                spec.name: self._bind_one(spec, params, options_in, where)
                 for spec in self.params
                 if spec.scope == "per_model"
             }
@@ -350,7 +421,40 @@ class Method:
         if not self.streaming:
             job = replace(job, base=_widen(job.base), donors=tuple(_widen(x) for x in job.donors))
         out = self.kernel(job, bound)
-        return out if out.dtype == job.out_dtype else round_to(out, job.out_dtype)
+        out = out if out.dtype == job.out_dtype else round_to(out, job.out_dtype)
+        if job.out is None or out.data_ptr() == job.out.data_ptr():
+            return out
+        job.out.copy_(out.reshape(-1))
+        return job.out
+
+    def merge_raw(self, name: str, options: Mapping[str, object],
+                  params: Sequence[Mapping[str, object]], base: Raw | None,
+                  donors: Sequence[Raw], out: Raw) -> None:
+        """:meth:`merge` of an elementwise method on numpy arrays of stored bits (a
+        tensor, or any range of it): fills ``out``. ``base`` is None for a method that
+        ignores it.
+
+        Raises:
+            RecipeError, BadParameter, ShapeMismatch: as :meth:`merge`.
+            TypeError: the method has no raw kernel, or an array is not of its dtype.
+        """
+        if self.raw_kernel is None:
+            raise TypeError(f"{self.name} is not elementwise: it has no raw kernel")
+        if self.base == "required" and base is None:
+            raise RecipeError(f"{self.name} needs a base model, and tensor {name} has none; "
+                              "name a base_model in the recipe")
+        self._check_count(len(donors))
+        if len(params) != len(donors):
+            raise ValueError(f"{name}: {len(params)} per-donor parameter maps for "
+                             f"{len(donors)} donors")
+        arrays = [*donors, out] if base is None else [base, *donors, out]
+        for a in arrays:
+            if RAW_DTYPES.get(a.dtype) != a.values.dtype or a.values.ndim != 1:
+                raise TypeError(f"{name}: not a flat array of {a.dtype} bits: {a.values.dtype}")
+        if len({a.values.size for a in arrays}) > 1:
+            raise ShapeMismatch(f"tensor {name} has different sizes across inputs: "
+                                f"{sorted({a.values.size for a in arrays})}")
+        _named(name, self.raw_kernel, self.bind_values(name, options, params), base, donors, out)
 
     def _check_job(self, job: TensorJob) -> None:
         if self.base == "required" and job.base is None:
@@ -368,10 +472,15 @@ class Method:
         if job.base is not None and self.base != "ignored":
             tensors.insert(0, job.base)
         for t in tensors:
-            if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            if not isinstance(t, torch.Tensor) or t.dtype not in float_dtypes():
                 raise TypeError(f"{job.name}: methods take float tensors, got {_dtype(t)}")
-        if job.out_dtype not in FLOAT_DTYPES:
+        if job.out_dtype not in float_dtypes():
             raise TypeError(f"{job.name}: the output dtype must be a float, got {job.out_dtype}")
+        if job.out is not None and (job.out.dtype != job.out_dtype or job.out.dim() != 1
+                                    or not job.out.is_contiguous()
+                                    or job.out.numel() != tensors[0].numel()):
+            raise ValueError(f"{job.name}: out must be a flat contiguous {job.out_dtype} "
+                             f"tensor of {tensors[0].numel()} elements")
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise ShapeMismatch(
@@ -388,8 +497,9 @@ class Method:
                 )
 
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-"""Input and output dtypes: every value of each is exactly a float64."""
+def float_dtypes() -> tuple[torch.dtype, ...]:
+    """Input and output dtypes: every value of each is exactly a float64."""
+    return (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _widen(t: torch.Tensor | None) -> torch.Tensor | None:

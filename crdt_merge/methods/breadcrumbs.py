@@ -12,8 +12,7 @@ Defaults as mergekit: ``gamma: 0.01``, ``normalize: false``, ``rescale: false``.
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 from crdt_merge.methods.select import Magnitudes

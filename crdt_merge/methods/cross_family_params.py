@@ -23,9 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from crdt_merge.errors import BadParameter, RecipeError
+from crdt_merge.lazy import torch
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 
 NAME = "cross_family"
@@ -143,6 +142,7 @@ METHOD = register(
         params=PARAMS,
         kernel=_no_kernel,
         min_donors=1,
+        blas=True,
     ),
     per_tensor=False,
 )

@@ -12,8 +12,7 @@ scaled to the delta's L1 norm. ``dare_linear`` then adds the deltas
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
 from crdt_merge.methods.base import Bound, Method, TensorJob, register
 from crdt_merge.methods.select import Magnitudes

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 from crdt_merge.methods.select import Magnitudes

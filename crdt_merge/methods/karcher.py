@@ -16,8 +16,7 @@ valid input if ``|m| < tol``). Then up to ``max_iter`` times: for each valid ``i
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods import trig
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 from crdt_merge.methods.reduce import blocks, map_blocks, norm, tree_sum

@@ -10,35 +10,39 @@ accuracy without increasing inference time", https://arxiv.org/abs/2203.05482.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
+import numpy as np
 
 from crdt_merge.errors import BadParameter
-from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
-from crdt_merge.methods.reduce import map_blocks
+from crdt_merge.methods.base import Bound, Method, ParamSpec, Raw, register, via_raw
+from crdt_merge.methods.reduce import BLOCK, blocks
+from crdt_merge.numeric import round_raw, widen_raw
 
 
-def _linear(job: TensorJob, bound: Bound) -> torch.Tensor:
+def _linear(bound: Bound, base: Raw | None, donors: Sequence[Raw], out: Raw) -> None:
     weights = [float(w) for w in bound.column("weight")]
-    shape = job.donors[0].shape
-    xs = [x.reshape(-1) for x in job.donors]
     total = 0.0
     for w in weights:
         total = total + w
     normalize = bool(bound.options["normalize"])
     if normalize and total == 0:
         raise BadParameter(
-            f"linear on {job.name}: the weights sum to zero, so normalize would divide by "
-            "zero; change the weights or set normalize: false"
+            "linear: the weights sum to zero, so normalize would divide by zero; change "
+            "the weights or set normalize: false"
         )
-
-    def block(s: int, e: int) -> torch.Tensor:
-        acc = torch.zeros(e - s, dtype=torch.float64)
-        term = torch.empty(e - s, dtype=torch.float64)
-        for x, w in zip(xs, weights, strict=True):
-            acc.add_(term.copy_(x[s:e]).mul_(w))  # acc + widen(x) * w, each op rounded
-        return acc.div_(total) if normalize else acc
-
-    return map_blocks(xs[0].numel(), block, dtype=job.out_dtype).reshape(shape)
+    n = out.values.size
+    acc = np.empty(min(n, BLOCK))
+    term = np.empty_like(acc)
+    for s, e in blocks(n):
+        a, t = acc[: e - s], term[: e - s]
+        a.fill(0.0)
+        for x, w in zip(donors, weights, strict=True):
+            np.multiply(widen_raw(x.values[s:e], x.dtype, t), w, out=t)
+            np.add(a, t, out=a)  # acc + widen(x) * w, each op rounded
+        if normalize:
+            np.divide(a, total, out=a)
+        round_raw(a, out.dtype, out.values[s:e])
 
 
 LINEAR = register(
@@ -50,7 +54,8 @@ LINEAR = register(
             ParamSpec("weight", "per_model", float, doc="the input's weight"),
             ParamSpec("normalize", "global", bool, True, doc="divide by the sum of weights"),
         ),
-        kernel=_linear,
+        kernel=via_raw(_linear),
+        raw_kernel=_linear,
         min_donors=1,
         streaming=True,
     )

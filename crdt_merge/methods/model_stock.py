@@ -13,8 +13,7 @@ whole flattened tensor, or each row along the last dim with ``filter_wise: true`
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 from crdt_merge.methods.reduce import map_blocks, norm, tree_sum, tree_sum_rows
 

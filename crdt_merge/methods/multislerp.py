@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from crdt_merge.errors import BadParameter
+from crdt_merge.lazy import torch
 from crdt_merge.methods import trig
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 from crdt_merge.methods.reduce import blocks, map_blocks, squares, tree_sum

@@ -13,8 +13,7 @@ colinear iff ``1 - c*c <= 1e-16``, then ``out = v_0*(1 - t) + v_1*t``; otherwise
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods import trig
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 from crdt_merge.methods.reduce import map_blocks, norm, tree_sum, tree_sum_rows

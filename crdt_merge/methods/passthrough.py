@@ -8,8 +8,7 @@ https://arxiv.org/abs/2312.15166). Which source tensor feeds which output is dec
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
 
 

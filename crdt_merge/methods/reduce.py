@@ -18,15 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.numeric import fixed_sum, round_to
 
 BLOCK = 1 << 16
 """Elements per block (512 KiB of float64): measured fastest here, and no temporary ever
 comes from a fresh page-faulting mapping."""
 
-Values = Callable[[int, int], torch.Tensor]
+Values = Callable[[int, int], "torch.Tensor"]
 """``values(start, stop)``: float64 elements ``[start, stop)`` of a virtual flat vector."""
 
 
@@ -43,10 +42,12 @@ def blocks(n: int, block: int | None = None) -> Iterator[tuple[int, int]]:
 
 
 def map_blocks(n: int, fn: Values, block: int | None = None,
-               dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A new flat tensor of ``n`` elements whose block ``[s, e)`` is ``fn(s, e)`` (float64)
-    rounded once to ``dtype``."""
-    out = torch.empty(n, dtype=dtype)
+               dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A flat tensor of ``n`` elements whose block ``[s, e)`` is ``fn(s, e)`` (float64)
+    rounded once to ``dtype`` (default float64): ``out`` (flat, of that dtype) when given,
+    else a new one."""
+    if out is None:
+        out = torch.empty(n, dtype=torch.float64 if dtype is None else dtype)
     for s, e in blocks(n, block):
         put(out, s, fn(s, e))
     return out

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import blake3
 import numpy as np
-import torch
+
+from crdt_merge.lazy import torch
 
 DOMAIN = b"crdt-merge/methods/uniform32/v1\x00"
 _SCALE = 2.0**-32

@@ -23,12 +23,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods.reduce import blocks
 
-Magnitudes = Callable[..., torch.Tensor]
+Magnitudes = Callable[..., "torch.Tensor"]
 """``mags(start, stop, step=1)``: non-negative float64 magnitudes of flat elements."""
 
 _SAMPLE = 1 << 16
@@ -82,10 +80,10 @@ class Band:
         if self.hi is None and (self.lo_cut >= start + x.numel() or self.lo_cut <= start):
             # one comparison: keep |x| >= lo before the cut, |x| > lo after it
             if self.lo_cut <= start:
-                return F.hardshrink(x, self.lo)
+                return torch.nn.functional.hardshrink(x, self.lo)
             if self.lo <= 0:
                 return x
-            return F.hardshrink(x, math.nextafter(self.lo, -math.inf))
+            return torch.nn.functional.hardshrink(x, math.nextafter(self.lo, -math.inf))
         return x.mul_(self.block(x.abs(), start))
 
     def mask(self, mags: Magnitudes, n: int) -> torch.Tensor:

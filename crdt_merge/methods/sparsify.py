@@ -25,9 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
 from crdt_merge.errors import BadParameter
+from crdt_merge.lazy import torch
 from crdt_merge.methods.reduce import block_size, blocks, tree_sum
 from crdt_merge.methods.rng import Uniforms
 from crdt_merge.methods.select import Band, Magnitudes, rank_band

@@ -23,16 +23,18 @@ blockwise, so temporaries stay a few blocks per donor whatever the tensor's size
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import torch
+import numpy as np
 
-from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
-from crdt_merge.methods.reduce import blocks, f64, map_blocks, put
+from crdt_merge.lazy import torch
+from crdt_merge.methods.base import Bound, Method, ParamSpec, Raw, TensorJob, register, via_raw
+from crdt_merge.methods.reduce import BLOCK, blocks, f64, map_blocks, put
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep, l1_rescale
+from crdt_merge.numeric import round_raw, widen_raw
 
-Sparsifier = Callable[[int, Magnitudes, Callable[[], torch.Tensor], TensorJob, Bound], Keep | None]
+Sparsifier = Callable[[int, Magnitudes, Callable[[], "torch.Tensor"], TensorJob, Bound], "Keep | None"]
 """``sparsifier(i, mags, delta_of, job, bound) -> keep mask or None`` for donor ``i``."""
 
 DIVISOR_EPS = 1e-8
@@ -83,7 +85,8 @@ def merge_task_vectors(
     donors = [x.reshape(-1) for x in job.donors]
     n = base.numel()
     if not donors:
-        return map_blocks(n, lambda s, e: f64(base, s, e), dtype=job.out_dtype).reshape(shape)
+        return map_blocks(n, lambda s, e: f64(base, s, e), dtype=job.out_dtype,
+                          out=job.output(n)).reshape(shape)
     weights = [float(w) for w in bound.column("weight")]
     opts = bound.options
 
@@ -114,7 +117,7 @@ def merge_task_vectors(
     if abs(total_w) < DIVISOR_EPS:
         total_w = 1.0
 
-    out = torch.empty(n, dtype=job.out_dtype)
+    out = job.output(n)
     for s, e in blocks(n):
         b = f64(base, s, e)
         vs = []
@@ -149,8 +152,39 @@ def merge_task_vectors(
     return out.reshape(shape)
 
 
-def _task_arithmetic(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, None, consensus=False)
+def _task_arithmetic(bound: Bound, base: Raw | None, donors: Sequence[Raw], out: Raw) -> None:
+    """Task arithmetic without sparsification or consensus, elementwise on stored bits:
+    ``b + lambda * (sum_i (x_i - b) * w_i) [/ D]``, every step as in
+    :func:`merge_task_vectors`."""
+    if base is None:
+        raise ValueError("task arithmetic needs a base")
+    n = out.values.size
+    wide, acc, term = (np.empty(min(n, BLOCK)) for _ in range(3))
+    weights = [float(w) for w in bound.column("weight")]
+    normalize = bool(bound.options["normalize"])
+    lam = float(bound.options["lambda"])
+    total_w = 0.0
+    for w in weights:
+        total_w = total_w + w
+    if abs(total_w) < DIVISOR_EPS:
+        total_w = 1.0
+    for s, e in blocks(n):
+        b = widen_raw(base.values[s:e], base.dtype, wide[: e - s])
+        if not donors:  # the base itself
+            round_raw(b, out.dtype, out.values[s:e])
+            continue
+        mixed, t = acc[: e - s], term[: e - s]
+        mixed.fill(0.0)
+        for x, w in zip(donors, weights, strict=True):
+            np.subtract(widen_raw(x.values[s:e], x.dtype, t), b, out=t)
+            np.multiply(t, w, out=t)
+            np.add(mixed, t, out=mixed)
+        if normalize:
+            np.divide(mixed, total_w, out=mixed)
+        if lam != 1.0:
+            np.multiply(mixed, lam, out=mixed)
+        np.add(mixed, b, out=mixed)  # b + m
+        round_raw(mixed, out.dtype, out.values[s:e])
 
 
 TASK_ARITHMETIC = register(
@@ -159,7 +193,8 @@ TASK_ARITHMETIC = register(
         paper="https://arxiv.org/abs/2212.04089",
         base="required",
         params=gta_params(normalize=False, rescale=False),
-        kernel=_task_arithmetic,
+        kernel=via_raw(_task_arithmetic),
+        raw_kernel=_task_arithmetic,
         min_donors=0,
         streaming=True,
     )

@@ -10,8 +10,7 @@ lower flat index wins), then the generalized task-arithmetic merge with sign con
 
 from __future__ import annotations
 
-import torch
-
+from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
 from crdt_merge.methods.base import Bound, Method, TensorJob, register
 from crdt_merge.methods.select import Magnitudes

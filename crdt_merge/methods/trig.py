@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from crdt_merge.lazy import torch
 
 _TWO_OVER_PI = 6.36619772367581382433e-01
 _PIO2_1 = 1.57079632673412561417e00

@@ -33,11 +33,12 @@ __all__ = ["MergePlan", "Resolved", "checkpoint_key", "plan", "resolve", "execut
 MANIFEST_FILE = "merge_manifest.json"
 
 
-def checkpoint_key(plan_id: str) -> str:
+def checkpoint_key(plan_id: str, method: str) -> str:
     """The replica metadata key under which a resolved checkpoint id is cached: the plan
-    id and this process's numeric profile, so a checkpoint computed under another profile
-    (another torch or MKL, another ``MKL_CBWR``) is never reported as this one's."""
-    profile = digest(json.dumps(numeric_profile(), sort_keys=True).encode())
+    id and this process's numeric profile for the plan's method, so a checkpoint computed
+    under another profile (another torch, or for cross_family another MKL or
+    ``MKL_CBWR``) is never reported as this one's."""
+    profile = digest(json.dumps(numeric_profile(method), sort_keys=True).encode())
     return f"checkpoint:{plan_id}:{profile[:16]}"
 
 
@@ -52,7 +53,7 @@ class Resolved:
     def to_json(self) -> dict[str, Any]:
         return {"checkpoint_id": self.checkpoint_id, "plan_id": self.plan_id,
                 "state_root": self.state_root, "out": str(self.out),
-                "numeric_profile": numeric_profile(),
+                "numeric_profile": numeric_profile(self.plan.method),
                 "contributions": len(self.plan.contributions),
                 "decisions": [dict(d) for d in self.plan.decisions]}
 
@@ -127,7 +128,7 @@ def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int |
     record = {
         "checkpoint_id": checkpoint_id, "plan_id": the_plan.id,
         "state_root": the_plan.state_root, "recipe_op": the_plan.recipe_op,
-        "numeric_profile": numeric_profile(), "plan": the_plan.to_wire(),
+        "numeric_profile": numeric_profile(the_plan.method), "plan": the_plan.to_wire(),
         "decisions": [dict(d) for d in the_plan.decisions],
         "manifest": output.manifest_to_json(manifest),
     }
@@ -175,7 +176,7 @@ def resolve_recorded(replica: Replica, manifest_file: str | Path, out: str | Pat
                         f"not the recorded {record['plan_id']}")
     result = execute(replica, the_plan, out, workers=workers)
     if result.checkpoint_id != record["checkpoint_id"]:
-        same = record.get("numeric_profile") == numeric_profile()
+        same = record.get("numeric_profile") == numeric_profile(the_plan.method)
         raise PlanError(f"re-derived checkpoint {result.checkpoint_id} differs from the recorded "
                         f"{record['checkpoint_id']}"
                         + ("" if same else " (different numeric profile)"))

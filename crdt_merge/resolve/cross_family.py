@@ -24,14 +24,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from crdt_merge.errors import BadParameter, ModelImportError, PlanError
 from crdt_merge.families import Family, detect, parse_name, role_of
 from crdt_merge.families.align import depth_map, merge_matrix
 from crdt_merge.families.canonical import ROLE_ATTRIBUTES
 from crdt_merge.families.fused import join, split
 from crdt_merge.hashing import digest
+from crdt_merge.lazy import torch
 from crdt_merge.methods.cross_family_params import METHOD, NAME, effective_params
 from crdt_merge.methods.params import resolve_param
 from crdt_merge.numeric import round_to
@@ -39,7 +38,7 @@ from crdt_merge.replica import Replica
 from crdt_merge.resolve.execute import _store, layer_index, write_output
 from crdt_merge.store.importer import read_file
 from crdt_merge.store.manifests import Manifest, TensorRecord
-from crdt_merge.store.tensors import TORCH_DTYPES, load_tensor
+from crdt_merge.store.tensors import load_tensor, torch_dtype
 
 __all__ = ["ALIGN_VERSION", "NAME", "CrossJob", "plan_jobs", "plan_section", "run_job"]
 
@@ -387,9 +386,9 @@ def run_job(job: CrossJob) -> tuple[str, list[str]]:
         return load_tensor(store, record, dtype)
 
     if any(p.sources for p in job.parts):
-        out = round_to(merge_parts(job, load), TORCH_DTYPES[job.out_dtype])
+        out = round_to(merge_parts(job, load), torch_dtype(job.out_dtype))
     elif job.out_dtype != job.anchor.dtype:
-        out = round_to(load(job.anchor, torch.float64), TORCH_DTYPES[job.out_dtype])
+        out = round_to(load(job.anchor, torch.float64), torch_dtype(job.out_dtype))
     else:
         out = load(job.anchor)  # the anchor's own bytes
     return job.name, write_output(out, job.path, job.offset, job.piece_size)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import json
 import multiprocessing
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -32,20 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from crdt_merge import ENGINE
 from crdt_merge.errors import PieceMissing, ShapeMismatch
-from crdt_merge.hashing import digest
+from crdt_merge.hashing import digest, serial
+from crdt_merge.lazy import torch
 from crdt_merge.methods import TensorJob, get_method
+from crdt_merge.methods.base import Raw
 from crdt_merge.methods.params import resolve_param
-from crdt_merge.numeric import NUMERIC_VERSION
+from crdt_merge.numeric import NUMERIC_VERSION, RAW_DTYPES, widen_raw
 from crdt_merge.resolve.plan import ANCHOR, MergePlan, slice_layout
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.objects import ObjectFiles
-from crdt_merge.store.safetensors_io import iter_pieces
-from crdt_merge.store.tensors import TORCH_DTYPES
+from crdt_merge.store.tensors import torch_dtype
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
@@ -99,17 +102,29 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def numeric_profile() -> dict[str, str]:
-    """What the bytes of a checkpoint may depend on beyond the plan (DESIGN section 4):
-    elementwise work is exact everywhere, but the cross-family method's SVDs and products
-    go through the BLAS/LAPACK build torch ships (its version) and MKL's reproducibility
-    mode (``MKL_CBWR``, set to COMPATIBLE by this package unless the user set it)."""
+def numeric_profile(method: str | None = None) -> dict[str, str]:
+    """What the bytes of a checkpoint of ``method`` may depend on beyond the plan (DESIGN
+    section 4): the engine, its numeric rules, torch and the CPU architecture, recorded for
+    every method although elementwise work is exact everywhere; for a method whose bytes go
+    through BLAS/LAPACK (``Method.blas``: cross_family's products and eigensolvers), also
+    the BLAS build torch ships (MKL's version) and MKL's reproducibility mode (``MKL_CBWR``,
+    set to COMPATIBLE by this package unless the user set it). Only that part imports
+    torch (to ask it); ``method`` None is the profile of no plan."""
     import platform
 
-    return {"engine": ENGINE, "numeric": NUMERIC_VERSION, "torch": torch.__version__,
-            "blas": "mkl" if torch.backends.mkl.is_available() else "none",
-            "mkl": _mkl_version(), "mkl_cbwr": os.environ.get("MKL_CBWR", ""),
-            "arch": platform.machine()}
+    profile = {"engine": ENGINE, "numeric": NUMERIC_VERSION, "torch": _torch_version(),
+               "arch": platform.machine()}
+    if method is not None and get_method(method).blas:
+        profile.update(blas="mkl" if torch.backends.mkl.is_available() else "none",
+                       mkl=_mkl_version(), mkl_cbwr=os.environ.get("MKL_CBWR", ""))
+    return profile
+
+
+@functools.cache
+def _torch_version() -> str:
+    """torch's version (``2.13.0+cpu``) from its installed metadata: equal to
+    ``torch.__version__``, without importing torch."""
+    return importlib.metadata.version("torch")
 
 
 @functools.cache
@@ -138,68 +153,205 @@ def run_job(job: Job) -> tuple[str, list[str]]:
 
     Runs on a worker thread (or a worker process): it reads only object files, each piece
     verified against its id, never the replica's SQLite index (checked beforehand by
-    :func:`require_pieces`)."""
+    :func:`require_pieces`). An elementwise method (one with a raw kernel) streams the
+    tensor piece by piece in numpy (:func:`_run_streamed`); the others get whole input
+    tensors in torch."""
     files = ObjectFiles(Path(job.store))
     wire = job.plan_wire
     contributions = wire["contributions"]
-    if job.out_dtype not in ("F16", "BF16", "F32", "F64"):
+    if job.out_dtype not in _FLOATS:
         # integer buffers and the like are not merged: the base's (or first donor's) bytes
-        out = read_tensor(files, job.base if job.base is not None else job.donors[0])
+        data = read_record(files, job.base if job.base is not None else job.donors[0])
+        return job.name, write_bytes(memoryview(data), job.path, job.offset, job.piece_size)
+    method = get_method(wire["method"])
+    sliced = job.sliced
+    delta_bases = _delta_bases(job)
+    if sliced is None:
+        layer, length = layer_index(job.name), job.num_layers
+        params = tuple(_resolved(c["params"], job.name, layer, length) for c in contributions)
+        options = _resolved(wire["params"], job.name, layer, length)
+        ids = [c["op_id"] for c in contributions]
     else:
-        method = get_method(wire["method"])
-        sliced = job.sliced
-        if sliced is None:
-            layer, length = layer_index(job.name), job.num_layers
-            params = tuple(_resolved(c["params"], job.name, layer, length)
-                           for c in contributions)
-            options = _resolved(wire["params"], job.name, layer, length)
-            ids = [c["op_id"] for c in contributions]
-            delta_bases: Sequence[TensorRecord | None] = (job.base,) * len(job.donors)
-        else:
-            # mergekit's precedence: the contribution's own, the slice's, the recipe's
-            layer, length = sliced.layer, sliced.length
-            scopes = (sliced.params, wire["params"])
-            per_model = {p.name for p in method.params if p.scope == "per_model"}
-            own = [{} if i == ANCHOR else contributions[i]["params"] for i in sliced.inputs]
-            params = tuple(_layered((mine, *scopes), source, layer, length, per_model)
-                           for mine, source in zip(own, sliced.sources, strict=True))
-            options = _layered(scopes, job.name, layer, length)
-            ids = [wire["base"] if i == ANCHOR else contributions[i]["op_id"]
-                   for i in sliced.inputs]
-            delta_bases = sliced.delta_bases
-        # inputs stay in their stored dtype: the method widens them (exactly) to float64,
-        # a block at a time where it streams, and rounds its result once to the output dtype
-        base = read_tensor(files, job.base) if job.base is not None else None
-        donors = []
-        for rec, form, under in zip(job.donors, job.forms, delta_bases, strict=True):
-            t = read_tensor(files, rec)
-            if form == "delta" and under is not None:
-                b = base if under == job.base and base is not None else read_tensor(files, under)
-                t = b.to(torch.float64) + t.to(torch.float64)
-            donors.append(t)
-        out = method.merge(TensorJob(
-            name=job.name, base=None if method.base == "ignored" else base,
-            donors=tuple(donors), params=params, options=options,
-            keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, i) for i in ids),
-            layer_index=layer, num_layers=length,
-            out_dtype=TORCH_DTYPES[job.out_dtype],
-        ))
+        # mergekit's precedence: the contribution's own, the slice's, the recipe's
+        layer, length = sliced.layer, sliced.length
+        scopes = (sliced.params, wire["params"])
+        per_model = {p.name for p in method.params if p.scope == "per_model"}
+        own = [{} if i == ANCHOR else contributions[i]["params"] for i in sliced.inputs]
+        params = tuple(_layered((mine, *scopes), source, layer, length, per_model)
+                       for mine, source in zip(own, sliced.sources, strict=True))
+        options = _layered(scopes, job.name, layer, length)
+        ids = [wire["base"] if i == ANCHOR else contributions[i]["op_id"] for i in sliced.inputs]
+    uses_base = method.base != "ignored"
+    if _streamable(job):
+        try:
+            return job.name, _run_streamed(files, job, method, params, options, uses_base)
+        except _Unaligned:
+            pass  # pieces not cut at the profile's size: merge the whole tensor instead
+    # inputs stay in their stored dtype: the method widens them (exactly) to float64,
+    # a block at a time where it streams, and rounds its result once to the output dtype
+    base = read_tensor(files, job.base) if job.base is not None else None
+    donors = []
+    for rec, form, under in zip(job.donors, job.forms, delta_bases, strict=True):
+        t = read_tensor(files, rec)
+        if form == "delta" and under is not None:
+            b = base if under == job.base and base is not None else read_tensor(files, under)
+            t = b.to(torch.float64) + t.to(torch.float64)
+        donors.append(t)
+    out = method.merge(TensorJob(
+        name=job.name, base=base if uses_base else None, donors=tuple(donors), params=params,
+        options=options,
+        keys=tuple(_stream_key(wire["seed"] or job.plan_id, job.name, i) for i in ids),
+        layer_index=layer, num_layers=length, out_dtype=torch_dtype(job.out_dtype)))
     return job.name, write_output(out, job.path, job.offset, job.piece_size)
 
 
-def read_tensor(files: ObjectFiles, record: TensorRecord) -> torch.Tensor:
-    """A stored tensor in its own dtype, each piece verified as it is read (object files
-    only, so safe on any thread).
+_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def _delta_bases(job: Job) -> Sequence[TensorRecord | None]:
+    """Per donor, the tensor a delta contribution adds to (the base, unless sliced)."""
+    return job.sliced.delta_bases if job.sliced is not None else (job.base,) * len(job.donors)
+
+
+def _shared_inputs(job: Job, uses_base: bool) -> list[TensorRecord]:
+    """The base (when the method takes it) and the tensors deltas add to, each once."""
+    shared: list[TensorRecord] = []
+    for rec, form in zip(_delta_bases(job), job.forms, strict=True):
+        if form == "delta" and rec is not None and rec not in shared:
+            shared.append(rec)
+    if uses_base and job.base is not None and job.base not in shared:
+        shared.append(job.base)
+    return shared
+
+
+def _streamable(job: Job) -> bool:
+    """Whether :func:`_run_streamed` can merge this job: a method with a raw kernel,
+    float inputs of the output's shape, and a piece size every dtype's chunk divides."""
+    method = get_method(job.plan_wire["method"])
+    if method.raw_kernel is None or job.out_dtype not in _FLOATS:
+        return False
+    records = [*job.donors, *_shared_inputs(job, method.base != "ignored")]
+    return (_numel(job.shape) > 0 and job.piece_size % 8 == 0 and bool(records)
+            and all(r.dtype in _FLOATS and tuple(r.shape) == tuple(job.shape) for r in records))
+
+
+def needs_torch(jobs: Sequence[Job]) -> bool:
+    """Whether any job computes in torch (the others are numpy, or plain copies)."""
+    return any(j.out_dtype in _FLOATS and not _streamable(j) for j in jobs)
+
+
+class _Unaligned(Exception):
+    """A stored tensor's pieces are not cut at the job's piece size."""
+
+
+class _PieceReader:
+    """One stored tensor's elements, range by range in increasing order, holding one
+    verified piece in a reusable buffer. A range never crosses a piece boundary when
+    pieces are cut at the profile's size and ranges at a multiple of ``piece_size / 8``
+    elements (raises :class:`_Unaligned` otherwise)."""
+
+    def __init__(self, files: ObjectFiles, record: TensorRecord, buf: np.ndarray) -> None:
+        self.files, self.record, self.buf = files, record, buf
+        self.raw = RAW_DTYPES[record.dtype]
+        self.size = np.dtype(self.raw).itemsize
+        self.index = -1  # the piece in buf, covering bytes [start, stop) of the tensor
+        self.start = self.stop = 0
+
+    def get(self, first: int, last: int) -> Raw:
+        """Elements ``[first, last)`` (a view of the buffer: valid until the next call)."""
+        lo, hi = first * self.size, last * self.size
+        while hi > self.stop:
+            if lo < self.stop or self.index + 1 >= len(self.record.pieces):
+                raise _Unaligned(self.record.pieces[max(self.index, 0)])
+            self.index += 1
+            got = self.files.read_into(self.record.pieces[self.index],
+                                       memoryview(self.buf)[: self.record.nbytes - self.stop])
+            self.start, self.stop = self.stop, self.stop + got
+        if lo < self.start:
+            raise _Unaligned(self.record.pieces[self.index])
+        return Raw(self.buf[lo - self.start: hi - self.start].view(self.raw), self.record.dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(count: int, nbytes: int) -> list[np.ndarray]:
+    """``count`` byte buffers of ``nbytes`` owned by this thread and reused across its
+    jobs: a fresh multi-megabyte buffer per piece would page-fault on every use."""
+    bufs = [b for b in getattr(_SCRATCH, "bufs", []) if b.size == nbytes]
+    while len(bufs) < count:
+        bufs.append(np.empty(nbytes, dtype=np.uint8))
+    _SCRATCH.bufs = bufs
+    return bufs[:count]
+
+
+def _run_streamed(files: ObjectFiles, job: Job, method: Any, params: Sequence[Mapping[str, Any]],
+                  options: Mapping[str, Any], uses_base: bool) -> list[str]:
+    """Merge an elementwise job a chunk of ``piece_size / 8`` elements at a time with the
+    method's raw kernel (numpy): each input's pieces are read (and verified) into this
+    thread's buffers as the chunks reach them, each output piece is filled chunk by
+    chunk, then hashed and written. Memory is one piece per input plus one, whatever the
+    tensor's size; the bytes are those of the whole-tensor merge (the method is
+    elementwise)."""
+    n, size = _numel(job.shape), job.piece_size
+    chunk = size // 8  # divides a piece of every float dtype, input or output
+    shared = _shared_inputs(job, uses_base)
+    bufs = _scratch(len(job.donors) + len(shared) + 1, size)
+    readers = [_PieceReader(files, rec, buf) for rec, buf in zip(job.donors, bufs, strict=False)]
+    others = {rec: _PieceReader(files, rec, buf)
+              for rec, buf in zip(shared, bufs[len(readers):], strict=False)}
+    raw_out = RAW_DTYPES[job.out_dtype]
+    out_buf = bufs[-1]
+    out_size = np.dtype(raw_out).itemsize
+    pieces: list[str] = []
+    fd = os.open(job.path, os.O_WRONLY)
+    try:
+        filled = 0  # output bytes written so far
+        for first in range(0, n, chunk):
+            last = min(n, first + chunk)
+            loaded = {rec: r.get(first, last) for rec, r in others.items()}
+            donors = []
+            for reader, form, under in zip(readers, job.forms, _delta_bases(job), strict=True):
+                t = reader.get(first, last)
+                if form == "delta" and under is not None:
+                    b = loaded[under]
+                    full = widen_raw(b.values, b.dtype, np.empty(last - first)).copy()
+                    t = Raw(np.add(full, widen_raw(t.values, t.dtype, np.empty(last - first)),
+                                   out=full), "F64")
+                donors.append(t)
+            lo = first * out_size - filled
+            out = Raw(out_buf[lo: lo + (last - first) * out_size].view(raw_out), job.out_dtype)
+            method.merge_raw(job.name, options, params,
+                             loaded.get(job.base) if uses_base else None, donors, out)
+            end = last * out_size
+            if end - filled == size or last == n:
+                pieces.append(_write_piece(fd, memoryview(out_buf)[: end - filled],
+                                           job.offset + filled))
+                filled = end
+    finally:
+        os.close(fd)
+    return pieces
+
+
+def _write_piece(fd: int, data: memoryview, offset: int) -> str:
+    """Write ``data`` at ``offset`` of the open file, start its writeback, return its id."""
+    pos = 0
+    while pos < len(data):
+        pos += os.pwrite(fd, data[pos:], offset + pos)
+    start_writeback(fd, offset, len(data))
+    return digest(data)
+
+
+def read_record(files: ObjectFiles, record: TensorRecord) -> np.ndarray:
+    """A stored tensor's bytes (``uint8``), each piece verified as it is read (object
+    files only, so safe on any thread).
 
     Raises:
         PieceMissing, PieceCorrupt: a piece is gone or fails its hash (then quarantined).
-        ShapeMismatch: the pieces do not add up to the record's size, or an unknown dtype.
+        ShapeMismatch: the pieces do not add up to the record's size.
     """
-    dtype = TORCH_DTYPES.get(record.dtype)
-    if dtype is None:
-        raise ShapeMismatch(f"dtype {record.dtype} is not supported in merges")
-    raw = torch.empty(record.nbytes, dtype=torch.uint8)
-    view = memoryview(raw.numpy()).cast("B")
+    raw = np.empty(record.nbytes, dtype=np.uint8)
+    view = memoryview(raw)
     pos = 0
     for piece_id in record.pieces:
         if pos >= record.nbytes:
@@ -207,7 +359,20 @@ def read_tensor(files: ObjectFiles, record: TensorRecord) -> torch.Tensor:
         pos += files.read_into(piece_id, view[pos:])
     if pos != record.nbytes:
         raise ShapeMismatch(f"pieces hold {pos} bytes, the record says {record.nbytes}")
-    return raw.view(dtype).reshape(record.shape)
+    return raw
+
+
+def read_tensor(files: ObjectFiles, record: TensorRecord) -> torch.Tensor:
+    """A stored tensor in its own dtype (:func:`read_record`, viewed by torch).
+
+    Raises:
+        PieceMissing, PieceCorrupt, ShapeMismatch: as :func:`read_record`, or an unknown
+            dtype.
+    """
+    dtype = torch_dtype(record.dtype)
+    if dtype is None:
+        raise ShapeMismatch(f"dtype {record.dtype} is not supported in merges")
+    return torch.from_numpy(read_record(files, record)).view(dtype).reshape(record.shape)
 
 
 def require_pieces(store: LocalStore, records: Iterable[TensorRecord | None]) -> None:
@@ -228,15 +393,18 @@ def write_output(out: torch.Tensor, path: str, offset: int, piece_size: int) -> 
     flat = out.contiguous().reshape(-1)
     data = (memoryview(flat.view(torch.uint8).numpy()).cast("B") if flat.numel()
             else memoryview(b""))
+    return write_bytes(data, path, offset, piece_size)
+
+
+def write_bytes(data: memoryview, path: str, offset: int, piece_size: int) -> list[str]:
+    """Write ``data`` at ``offset`` of the output file, a piece at a time; return the
+    pieces' ids."""
     fd = os.open(path, os.O_WRONLY)
     try:
-        pos = 0
-        while pos < len(data):
-            pos += os.pwrite(fd, data[pos:], offset + pos)
-        start_writeback(fd, offset, len(data))
+        return [_write_piece(fd, data[i:i + piece_size], offset + i)
+                for i in range(0, len(data), piece_size)]
     finally:
         os.close(fd)
-    return [digest(p) for p in iter_pieces(data, piece_size)]
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -299,8 +467,9 @@ IN_PROCESS_BELOW = 4 * 1024 * 1024
 def run_jobs(jobs: Sequence[Any], workers: int | None = None,
              runner: Callable[[Any], tuple[str, list[str]]] | None = None) -> dict[str, list[str]]:
     """Run jobs, biggest first, on ``workers`` threads of this process (one: this thread),
-    every job with one torch thread. By default, one worker per core, or one for a small
-    model. Where or when a job runs never changes its bytes.
+    every job with one torch thread (torch is not even imported when every job streams in
+    numpy). By default, one worker per core, or one for a small model. Where or when a job
+    runs never changes its bytes.
 
     ``runner`` (default :func:`run_job`) is a module-level function of one job; another
     runner (the cross-family method's) runs in worker processes instead, each with its own
@@ -310,18 +479,27 @@ def run_jobs(jobs: Sequence[Any], workers: int | None = None,
         small = sum(_numel(j.shape) for j in jobs) < IN_PROCESS_BELOW
         workers = 1 if small else default_workers()
     order = sorted(jobs, key=lambda j: -_numel(j.shape))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # worker threads take it up too: one torch thread per job
+    threads = None
+    if runner is not None or needs_torch(jobs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # worker threads take it up too: one torch thread per job
     try:
         if workers <= 1 or len(jobs) <= 1:
             return dict((runner or run_job)(j) for j in order)
         if runner is None:
             with ThreadPoolExecutor(workers, thread_name_prefix="crdt-merge-job") as pool:
-                return _schedule(pool, run_job, order, workers)
+                return _schedule(pool, _run_job_serially, order, workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             return _schedule(pool, runner, order, workers)
     finally:
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+def _run_job_serially(job: Job) -> tuple[str, list[str]]:
+    """:func:`run_job` on a worker thread: one of several, so it hashes on itself alone."""
+    with serial():
+        return run_job(job)
 
 
 def _schedule(pool: Executor, runner: Callable[[Any], tuple[str, list[str]]],
@@ -329,8 +507,10 @@ def _schedule(pool: Executor, runner: Callable[[Any], tuple[str, list[str]]],
     """Submit the jobs (biggest first) within a memory budget. The two biggest tensors
     (embeddings, lm_head) should not be in memory at once: a job starts only while the
     jobs running plus it stay within the biggest job's size times 1.25; meanwhile smaller
-    jobs fill the other workers."""
-    budget = 1.25 * _numel(order[0].shape)
+    jobs fill the other workers. A streamed job holds a few pieces whatever its size, so
+    it counts as nothing."""
+    weights = {id(j): _held(j) for j in order}
+    budget = 1.25 * max(weights.values())
     results: dict[str, list[str]] = {}
     running: dict[Any, int] = {}
     queue = list(order)
@@ -341,11 +521,11 @@ def _schedule(pool: Executor, runner: Callable[[Any], tuple[str, list[str]]],
                 # waiting must not idle the other workers)
                 room = budget - sum(running.values())
                 pick = next((i for i, j in enumerate(queue)
-                             if not running or _numel(j.shape) <= room), None)
+                             if not running or weights[id(j)] <= room), None)
                 if pick is None:
                     break
                 job = queue.pop(pick)
-                running[pool.submit(runner, job)] = _numel(job.shape)
+                running[pool.submit(runner, job)] = weights[id(job)]
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 del running[future]
@@ -355,6 +535,11 @@ def _schedule(pool: Executor, runner: Callable[[Any], tuple[str, list[str]]],
         for future in running:
             future.cancel()
     return results
+
+
+def _held(job: Any) -> int:
+    """What a job holds in memory at once, in elements, for scheduling."""
+    return 0 if isinstance(job, Job) and _streamable(job) else _numel(job.shape)
 
 
 def _numel(shape: Sequence[int]) -> int:

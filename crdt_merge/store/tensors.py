@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import torch
-
 from crdt_merge.errors import ShapeMismatch
+from crdt_merge.lazy import torch
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import TensorRecord
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (``"BF16"``), or None if not supported."""
+    attr = _TORCH_NAMES.get(name)
+    return None if attr is None else getattr(torch, attr)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    for name, attr in _TORCH_NAMES.items():
+        if getattr(torch, attr) == dtype:
+            return name
+    raise KeyError(dtype)
 
 
 def record_bytes(store: LocalStore, record: TensorRecord) -> bytearray:
@@ -33,7 +43,7 @@ def record_bytes(store: LocalStore, record: TensorRecord) -> bytearray:
 
 def load_tensor(store: LocalStore, record: TensorRecord, as_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read a tensor record; optionally convert (exactly, for widening) to ``as_dtype``."""
-    dtype = TORCH_DTYPES.get(record.dtype)
+    dtype = torch_dtype(record.dtype)
     if dtype is None:
         raise ShapeMismatch(f"dtype {record.dtype} is not supported in merges")
     data = record_bytes(store, record)

@@ -324,12 +324,20 @@ def _kb(path: str, key: bytes) -> int:
 def measure(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Run:
     """Run ``argv`` as a child (stdout to ``log``.out, stderr to ``log``.err) and measure it.
 
-    CPU time and ``ru_maxrss`` come from ``os.wait4`` on the child, so they cover it and the
-    descendants it reaped; the tree's summed RSS/PSS is sampled from /proc meanwhile.
+    CPU time comes from ``os.wait4`` on the child, so it covers it and the descendants it
+    reaped; the tree's summed RSS/PSS is sampled from /proc meanwhile. The peak RSS is
+    GNU time's ``%M`` where /usr/bin/time exists: Linux gives a child started by
+    ``posix_spawn`` (vfork) from this big process a ``ru_maxrss`` of at least this
+    process's own RSS (exec records the high-water mark of the memory it shared with us),
+    while a child of the small ``time`` process starts clean.
     """
-    run = Run(list(argv))
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     out, err = log.with_suffix(".out"), log.with_suffix(".err")
+    hwm = log.with_suffix(".maxrss")
+    timer = Path("/usr/bin/time")
+    if timer.exists():
+        argv = [str(timer), "-f", "%M", "-o", str(hwm), *argv]
+    run = Run(list(argv))
     actions = [(os.POSIX_SPAWN_OPEN, 1, str(out), flags, 0o644),
                (os.POSIX_SPAWN_OPEN, 2, str(err), flags, 0o644)]
     done = threading.Event()
@@ -355,7 +363,8 @@ def measure(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -
     sampler.join()
     run.returncode = os.waitstatus_to_exitcode(status)
     run.user_s, run.sys_s = usage.ru_utime, usage.ru_stime
-    run.maxrss_mb = usage.ru_maxrss / 1024
+    run.maxrss_mb = (int(hwm.read_text().split()[-1]) if timer.exists() and hwm.exists()
+                     else usage.ru_maxrss) / 1024
     run.stdout = out.read_text()
     if run.returncode != 0:
         tail = err.read_text()[-3000:]

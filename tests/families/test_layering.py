@@ -7,7 +7,7 @@ from pathlib import Path
 
 import crdt_merge.families
 
-ALLOWED = {"crdt_merge.errors", "crdt_merge.hashing", "crdt_merge.codec", "crdt_merge.numeric",
+ALLOWED = {"crdt_merge.errors", "crdt_merge.lazy", "crdt_merge.hashing", "crdt_merge.codec", "crdt_merge.numeric",
            "crdt_merge.families"}
 
 

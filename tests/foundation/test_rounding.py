@@ -132,3 +132,53 @@ def test_nan_stays_nan_and_shapes_are_kept() -> None:
 def test_non_contiguous_input() -> None:
     x = torch.arange(40, dtype=torch.float64).reshape(5, 8).t() / 3.0
     assert torch.equal(round_to(x, torch.bfloat16), round_to(x.contiguous(), torch.bfloat16))
+
+
+def test_nan_becomes_one_pattern_whatever_its_sign_and_payload() -> None:
+    """torch's own float32 -> bfloat16 conversion gives 0x7FC0 in its scalar code and
+    0xFFFF in its AVX-512 code, so a NaN's bytes would depend on where it falls in a
+    tensor; ours are fixed: bfloat16 0x7FC0, float16 the sign and 0x7E00."""
+    payloads = [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF0000000000001,
+                0xFFF0000000000001, 0x7FF4000000000123, 0x7FFFFFFFFFFFFFFF]
+    x = torch.tensor([p - (1 << 64) if p >= 1 << 63 else p for p in payloads] * 700,
+                     dtype=torch.int64).view(torch.float64)  # long enough for SIMD kernels
+    bf = round_to(x, torch.bfloat16).view(torch.int16).tolist()
+    assert {b & 0xFFFF for b in bf} == {0x7FC0}
+    half = [b & 0xFFFF for b in round_to(x, torch.float16).view(torch.int16).tolist()]
+    want = [(0x8000 if p >> 63 else 0) | 0x7E00 for p in payloads] * 700
+    assert half == want
+
+
+@pytest.mark.parametrize("name,dtype", [("BF16", torch.bfloat16), ("F16", torch.float16)])
+def test_widening_stored_bits_is_exact_for_every_16_bit_pattern(name: str,
+                                                                 dtype: torch.dtype) -> None:
+    import numpy as np
+
+    from crdt_merge.numeric import widen_raw
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ours = widen_raw(bits if name == "BF16" else bits.view(np.float16), name,
+                     np.empty(1 << 16))
+    theirs = torch.from_numpy(bits.view(np.int16).copy()).view(dtype).to(torch.float64).numpy()
+    nan = np.isnan(theirs)
+    assert np.array_equal(np.isnan(ours), nan)
+    assert np.array_equal(ours[~nan].view(np.int64), theirs[~nan].view(np.int64))
+
+
+def test_merge_raw_refuses_what_merge_refuses() -> None:
+    import numpy as np
+
+    from crdt_merge.errors import RecipeError, ShapeMismatch
+    from crdt_merge.methods import get_method
+    from crdt_merge.methods.base import Raw
+
+    linear, ta = get_method("linear"), get_method("task_arithmetic")
+    a, b = Raw(np.zeros(4, np.float32), "F32"), Raw(np.zeros(5, np.float32), "F32")
+    out = Raw(np.zeros(4, np.uint16), "BF16")
+    with pytest.raises(ShapeMismatch):
+        linear.merge_raw("t", {}, [{"weight": 1}, {"weight": 1}], None, [a, b], out)
+    with pytest.raises(TypeError):
+        linear.merge_raw("t", {}, [{"weight": 1}], None, [Raw(np.zeros(4), "F32")], out)
+    with pytest.raises(RecipeError):
+        ta.merge_raw("t", {}, [{"weight": 1}], None, [a], out)
+    linear.merge_raw("t", {}, [{"weight": 1}], None, [a], out)  # fine as it is

@@ -173,6 +173,7 @@ def test_bind_applies_defaults_and_the_global_fallback() -> None:
 def test_methods_import_only_lower_layers() -> None:
     allowed = (
         "crdt_merge.errors",
+        "crdt_merge.lazy",
         "crdt_merge.numeric",
         "crdt_merge.hashing",
         "crdt_merge.codec",

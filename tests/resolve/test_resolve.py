@@ -200,7 +200,7 @@ def test_plan_excludes_nan_and_shape_mismatch_donors(replicas, models, tmp_path:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_nonfinite_bit_test_agrees_with_torch(dtype: torch.dtype) -> None:
     from crdt_merge.store.finite import has_nonfinite
-    from crdt_merge.store.tensors import DTYPE_NAMES
+    from crdt_merge.store.tensors import dtype_name
 
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(1000, generator=gen, dtype=torch.float64).to(dtype)
@@ -211,7 +211,7 @@ def test_nonfinite_bit_test_agrees_with_torch(dtype: torch.dtype) -> None:
         if special is not None:
             t[500] = special
         raw = t.view(torch.uint8).numpy().tobytes()
-        assert has_nonfinite(raw, DTYPE_NAMES[dtype]) == (not bool(torch.isfinite(t).all()))
+        assert has_nonfinite(raw, dtype_name(dtype)) == (not bool(torch.isfinite(t).all()))
 
 
 def test_bad_recipes_and_missing_base(replicas, models) -> None:
@@ -272,11 +272,14 @@ def test_blockwise_execution_gives_the_same_bytes(replicas, models, tmp_path: Pa
 
 
 def test_cached_checkpoints_are_keyed_by_numeric_profile() -> None:
-    """A checkpoint id cached by a process with another numeric profile (here another
-    MKL_CBWR) is not reported as this profile's; the profile names MKL's version."""
+    """A cross_family checkpoint id cached by a process with another numeric profile (here
+    another MKL_CBWR) is not reported as this one's; its profile names MKL's version. An
+    exact method's profile (linear) names no BLAS: MKL_CBWR cannot change its bytes."""
     code = ("import json; from crdt_merge.resolve import checkpoint_key; "
             "from crdt_merge.resolve.execute import numeric_profile; "
-            "print(json.dumps([checkpoint_key('ab' * 32), numeric_profile()]))")
+            "print(json.dumps([checkpoint_key('ab' * 32, 'cross_family'), "
+            "numeric_profile('cross_family'), checkpoint_key('ab' * 32, 'linear'), "
+            "numeric_profile('linear')]))")
 
     def run(cbwr: str) -> list:
         env = {**os.environ, "MKL_CBWR": cbwr}
@@ -284,8 +287,15 @@ def test_cached_checkpoints_are_keyed_by_numeric_profile() -> None:
                               text=True, check=True)
         return json.loads(done.stdout)
 
-    (key_a, profile_a), (key_b, profile_b) = run("COMPATIBLE"), run("AVX2")
+    (key_a, profile_a, exact_a, plain_a) = run("COMPATIBLE")
+    (key_b, profile_b, exact_b, plain_b) = run("AVX2")
     assert run("COMPATIBLE")[0] == key_a
     assert key_a != key_b and key_a.startswith("checkpoint:" + "ab" * 32)
     assert (profile_a["mkl_cbwr"], profile_b["mkl_cbwr"]) == ("COMPATIBLE", "AVX2")
     assert profile_a["mkl"] == profile_b["mkl"] != ""
+    assert exact_a == exact_b and plain_a == plain_b and exact_a != key_a
+    assert "mkl" not in plain_a and "mkl_cbwr" not in plain_a
+    assert plain_a["torch"] == profile_a["torch"] == torch.__version__
+    assert exact_a == exact_b and plain_a == plain_b and exact_a != key_a
+    assert "mkl" not in plain_a and "mkl_cbwr" not in plain_a
+    assert plain_a["torch"] == profile_a["torch"] == torch.__version__
