@@ -42,7 +42,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import random
 import secrets
 import signal
@@ -55,7 +54,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -64,6 +62,7 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a script: `tests.bench.machine` is found from the root
 PYTHON = sys.executable
 SHARED_VARIANTS = 256  # round i of every site uses shared tensor i % 256
 RETRACT_EVERY = 3
@@ -94,25 +93,12 @@ def cpu_split(before: list[int], after: list[int]) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
-    libraries = {}
-    for name in ("crdt-model-merge", "fastapi", "starlette", "uvicorn", "httpx", "anyio",
-                 "msgpack", "blake3", "cryptography", "numpy"):
-        try:
-            libraries[name] = version(name)
-        except PackageNotFoundError:
-            libraries[name] = "absent"
-    libraries["sqlite"] = sqlite3.sqlite_version
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-    return {"nproc": os.cpu_count(), "ram": f"{mem_kib / 1024**2:.1f} GiB", "cpu": cpu,
-            "python": platform.python_version(), "kernel": platform.release(),
-            "libraries": libraries, "date": date}
+    from tests.bench.machine import describe
+
+    m = describe(("crdt-model-merge", "fastapi", "starlette", "uvicorn", "httpx", "anyio",
+                  "msgpack", "blake3", "cryptography", "numpy"))
+    m["libraries"]["sqlite"] = m["sqlite"]
+    return m
 
 
 # -- timing every request at the client's transport ---------------------------------------------

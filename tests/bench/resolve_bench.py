@@ -55,7 +55,6 @@ import hashlib
 import json
 import mmap
 import os
-import platform
 import resource
 import shutil
 import sqlite3
@@ -76,6 +75,7 @@ import torch
 from crdt_merge.store.objects import fsync_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script: `tests.bench.machine` is found from the root
 DEFAULT_MERGEKIT = ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"
 MERGEKIT_OPTIONS = ("--lazy-unpickle", "--no-copy-tokenizer")
 
@@ -500,18 +500,11 @@ def compare_outputs(ours: Path, theirs: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = _kb("/proc/meminfo", b"MemTotal:")
-    return {"nproc": os.cpu_count(), "ram_gib": round(mem / 1024**2, 1), "cpu": cpu,
-            "kernel": platform.release(), "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg(),
-            "torch": torch.__version__, "blake3": blake3.__version__,
-            "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip()}
+    from tests.bench.machine import describe
+
+    m = describe(("crdt-model-merge", "torch", "blake3", "numpy", "safetensors"))
+    m["torch"], m["blake3"] = torch.__version__, blake3.__version__  # as the results had them
+    return m
 
 
 def mergekit_version(mergekit: Path) -> str:

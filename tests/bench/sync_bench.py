@@ -24,32 +24,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a script: `tests.bench.machine` is found from the root
 PYTHON = sys.executable
 
 
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
-    date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return {"nproc": str(os.cpu_count()), "ram": f"{mem_kib / 1024**2:.1f} GiB", "cpu": cpu,
-            "python": platform.python_version(), "date": date, "loadavg_at_start": load}
+def machine() -> dict[str, Any]:
+    from tests.bench.machine import describe
+
+    return describe(("crdt-model-merge", "httpx", "numpy", "blake3"))
 
 
 def lo_rx_bytes() -> int:
