@@ -314,10 +314,7 @@ def _run_streamed(files: ObjectFiles, job: Job, method: Any, params: Sequence[Ma
             for reader, form, under in zip(readers, job.forms, _delta_bases(job), strict=True):
                 t = reader.get(first, last)
                 if form == "delta" and under is not None:
-                    b = loaded[under]
-                    full = widen_raw(b.values, b.dtype, np.empty(last - first)).copy()
-                    t = Raw(np.add(full, widen_raw(t.values, t.dtype, np.empty(last - first)),
-                                   out=full), "F64")
+                    t = _add_delta(loaded[under], t)
                 donors.append(t)
             lo = first * out_size - filled
             out = Raw(out_buf[lo: lo + (last - first) * out_size].view(raw_out), job.out_dtype)
@@ -331,6 +328,15 @@ def _run_streamed(files: ObjectFiles, job: Job, method: Any, params: Sequence[Ma
     finally:
         os.close(fd)
     return pieces
+
+
+def _add_delta(base: Raw, delta: Raw) -> Raw:
+    """The full float64 donor ``base + delta`` of a delta contribution (exact widening,
+    one rounded add, as the tensor path does)."""
+    total, scratch = np.empty(base.values.size), np.empty(base.values.size)
+    np.add(widen_raw(base.values, base.dtype, total),
+           widen_raw(delta.values, delta.dtype, scratch), out=total)
+    return Raw(total, "F64")
 
 
 def _write_piece(fd: int, data: memoryview, offset: int) -> str:

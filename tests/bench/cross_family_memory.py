@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def measure(hidden: int, layers: int) -> dict[str, Any]:
         row["prepare_seconds"] = round(time.time() - t, 1)
         row["started"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         row["load_start"] = _load()
+        row["mkl_cbwr"] = os.environ.get("MKL_CBWR", "COMPATIBLE")  # crdt_merge's default
         proc = subprocess.run([sys.executable, __file__, "--child", str(work / "replica"),
                                str(work / "out")], capture_output=True, text=True, check=True)
         row |= json.loads(proc.stdout.strip().splitlines()[-1])
