@@ -11,6 +11,8 @@ from crdt_merge.store.local import LocalStore
 #: bits are set, i.e. when its bits without the sign are at least the mask
 _EXPONENT = {"F16": (np.int16, 0x7C00), "BF16": (np.int16, 0x7F80),
              "F32": (np.int32, 0x7F800000), "F64": (np.int64, 0x7FF0000000000000)}
+#: the dtypes that can hold NaN or inf
+FLOAT_DTYPES = frozenset(_EXPONENT)
 _FINITE_KEY = "finite:"
 _CHUNK = 1 << 18
 

@@ -4,7 +4,9 @@ Sources: a ``.safetensors`` file, a folder holding one (or a sharded checkpoint 
 ``model.safetensors.index.json``) plus config and tokenizer files, or a Hugging Face repo
 id resolved through huggingface_hub's local cache (``org/name`` or ``org/name@revision``).
 Tensors are read through a memory map, one piece at a time, and only pieces the store lacks
-are written, so importing the same model twice writes nothing.
+are written, so importing the same model twice writes nothing. The NaN/inf test of the
+plan's policy runs on the pieces written, while they are hashed, and on the others only when
+the manifest's answer is not cached yet: a re-import only hashes.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from crdt_merge.errors import ModelImportError, PieceMissing
 from crdt_merge.hashing import ManifestId
-from crdt_merge.store.finite import finite_known, has_nonfinite, remember_finite
+from crdt_merge.store.finite import FLOAT_DTYPES, finite_known, has_nonfinite, remember_finite
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
-from crdt_merge.store.safetensors_io import MappedFile, iter_pieces, read_header
+from crdt_merge.store.safetensors_io import MappedFile, TensorInfo, iter_pieces, read_header
 
 #: files of a model folder kept beside the tensors (config, tokenizer, chat template)
 KEPT_FILES = (
@@ -105,23 +108,91 @@ def _put_bytes(store: LocalStore, data: memoryview, piece_size: int) -> tuple[li
 
 def _put_pieces(store: LocalStore, pieces: list[memoryview],
                 scan: Callable[[int, memoryview], bool] | None = None,
-                ) -> tuple[list[str], int, list[bool]]:
+                ) -> tuple[list[str], int, list[Any]]:
     """Store pieces a batch at a time; return their ids, how many were new and, with
-    ``scan``, ``scan(i, piece)`` for each."""
+    ``scan``, ``scan(i, piece)`` for each piece written (None for the others, see
+    :meth:`LocalStore.put_many_scan`)."""
     ids: list[str] = []
-    flags: list[bool] = []
+    flags: list[Any] = []
     new = 0
     for i in range(0, len(pieces), _BATCH):
         batch_scan = None if scan is None else (lambda j, piece, i=i: scan(i + j, piece))
         batch_ids, n_new, batch_flags = store.put_many_scan(pieces[i:i + _BATCH], batch_scan)
         ids.extend(batch_ids)
-        flags.extend(bool(f) for f in batch_flags)
+        flags.extend(batch_flags)
         new += n_new
     return ids, new, flags
 
 
 #: pieces written before their directories are fsynced and their index rows committed
 _BATCH = 256
+
+
+class _FileId(NamedTuple):
+    """What tells a file from the same path changed or replaced since it was read."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def _identity(path: Path) -> _FileId:
+    st = path.stat()
+    return _FileId(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class _Cut:
+    """One tensor cut into pieces for its import: where its pieces sit in its file's list
+    of pieces, their ids and, per piece, whether the NaN/inf test found one (None: not
+    tested, as the store held that piece already)."""
+
+    file: Path
+    identity: _FileId
+    info: TensorInfo
+    start: int
+    count: int
+    ids: list[str] = field(default_factory=list)
+    found: list[bool | None] = field(default_factory=list)
+
+
+def _first_nonfinite(cuts: dict[str, _Cut], piece_size: int) -> str | None:
+    """The first tensor by name that holds NaN or inf, as :func:`finite.first_nonfinite`
+    would find it in the stored manifest, or None.
+
+    Pieces tested while they were written are not tested again. The others (pieces this
+    model shares with one stored before) are tested in their weight file, mapped again
+    and first checked to be the file that was hashed; tensors after one already known to
+    hold NaN or inf are skipped.
+
+    Raises:
+        ModelImportError: a weight file changed since its pieces were hashed.
+    """
+    bad = min((name for name, cut in cuts.items() if any(cut.found)), default=None)
+    untested: dict[Path, list[_Cut]] = {}
+    for name, cut in cuts.items():
+        if (bad is None or name < bad) and cut.info.dtype in FLOAT_DTYPES and None in cut.found:
+            untested.setdefault(cut.file, []).append(cut)
+    if not untested:
+        return bad
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for weights, group in untested.items():
+            with MappedFile(weights) as mf:
+                if _identity(weights) != group[0].identity or len(mf.view) != group[0].identity.size:
+                    raise ModelImportError(f"{weights}: file changed while reading")
+                jobs = [(cut, k) for cut in group for k, f in enumerate(cut.found) if f is None]
+                views = [mf.view[cut.info.begin + k * piece_size:
+                                 min(cut.info.end, cut.info.begin + (k + 1) * piece_size)]
+                         for cut, k in jobs]
+                try:
+                    found = list(pool.map(has_nonfinite, views, [cut.info.dtype for cut, _ in jobs]))
+                finally:
+                    for view in views:
+                        view.release()
+                for (cut, k), f in zip(jobs, found, strict=True):
+                    cut.found[k] = f
+    return min((name for name, cut in cuts.items() if any(cut.found)), default=None)
 
 
 def _model_type(path: Path) -> str | None:
@@ -153,9 +224,7 @@ def import_model(store: LocalStore, source: str, piece_size: int,
             that appears in two shards.
     """
     path = resolve_source(source)
-    tensors: dict[str, TensorRecord] = {}
     new = total = 0
-    nonfinite: list[str] = []  # tensors holding NaN or inf
     # every header is read and checked, and the config parsed, before a byte is stored: an
     # import refused for any of them leaves the store as it was
     headers = [(weights, read_header(weights)[0]) for weights in _weight_files(path)]
@@ -169,37 +238,39 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     model_type = _model_type(path)
     if model_type is not None:
         info_meta.setdefault("model_type", model_type)
+    # every tensor cut into pieces (views of its file's mapping, no copy) and stored in
+    # batches: fsyncs and index commits are shared across tensors
+    cuts: dict[str, _Cut] = {}
     for weights, infos in headers:
         with MappedFile(weights) as mf:
-            if len(mf.view) != weights.stat().st_size:
+            identity = _identity(weights)
+            if len(mf.view) != identity.size:
                 raise ModelImportError(f"{weights}: file changed while reading")
-            # every tensor of the file cut into pieces (views of the mapping, no copy), then
-            # stored in batches: fsyncs and index commits are shared across tensors
-            spans: dict[str, tuple[int, int]] = {}
             pieces: list[memoryview] = []
             dtypes: list[str] = []
             try:
                 for name in sorted(infos):
                     info = infos[name]
-                    if name in tensors:
+                    if name in cuts:
                         raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
-                    cut = list(iter_pieces(mf.view[info.begin:info.end], piece_size))
-                    spans[name] = (len(pieces), len(cut))
-                    pieces.extend(cut)
-                    dtypes.extend([info.dtype] * len(cut))
-                # the NaN/inf test of the plan's policy runs on each piece with its hashing
-                ids, n_new, flags = _put_pieces(
+                    parts = list(iter_pieces(mf.view[info.begin:info.end], piece_size))
+                    cuts[name] = _Cut(weights, identity, info, len(pieces), len(parts))
+                    pieces.extend(parts)
+                    dtypes.extend([info.dtype] * len(parts))
+                # pieces new to the store are tested for NaN/inf while they are written
+                ids, n_new, found = _put_pieces(
                     store, pieces, lambda i, piece, kinds=dtypes: has_nonfinite(piece, kinds[i]))
             finally:
                 for piece in pieces:
                     piece.release()
-            for name, (start, count) in spans.items():
-                info = infos[name]
-                tensors[name] = TensorRecord(info.dtype, info.shape, tuple(ids[start:start + count]))
-                if any(flags[start:start + count]):
-                    nonfinite.append(name)
+            for name in infos:
+                cut = cuts[name]
+                cut.ids = ids[cut.start:cut.start + cut.count]
+                cut.found = found[cut.start:cut.start + cut.count]
             new += n_new
             total += len(ids)
+    tensors = {name: TensorRecord(cut.info.dtype, cut.info.shape, tuple(cut.ids))
+               for name, cut in cuts.items()}
     files: dict[str, FileRecord] = {}
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
@@ -215,9 +286,9 @@ def import_model(store: LocalStore, source: str, piece_size: int,
     data = manifest.encode()
     mid = ManifestId(store.put(data))
     if not finite_known(store, mid):
-        # the plan's NaN/inf policy: the first such tensor by name, as
-        # finite.first_nonfinite would find it
-        remember_finite(store, mid, min(nonfinite, default=None))
+        # the plan's NaN/inf policy, cached per manifest; a re-import finds it cached and
+        # tests nothing
+        remember_finite(store, mid, _first_nonfinite(cuts, piece_size))
     return Imported(mid, manifest, str(path), new, total)
 
 

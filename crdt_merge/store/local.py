@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,16 @@ from crdt_merge.errors import (
     PieceMissing,
     ReplicaExists,
 )
-from crdt_merge.hashing import PieceId, check_id, digest, is_id
+from crdt_merge.hashing import PieceId, check_id, digest, is_id, serial
 from crdt_merge.store.db import Index
 from crdt_merge.store.objects import ObjectFiles, ObjectWriter, crashpoint, fsync_dir
 
 DB_NAME = "replica.sqlite"
 _IO_THREADS = 4
+#: the I/O threads hash a piece each; BLAKE3 also splits a piece over threads of its own
+#: only when they leave cores idle (else its threads contend with them: on 2 cores that
+#: made a re-import 7% slower)
+_SPLIT_HASHES = _IO_THREADS < (os.cpu_count() or 1)
 
 
 class LocalStore:
@@ -108,32 +113,42 @@ class LocalStore:
     def put_many_scan(self, pieces: Sequence[bytes | memoryview],
                       scan: Callable[[int, memoryview], Any] | None = None,
                       ) -> tuple[list[PieceId], int, list[Any]]:
-        """:meth:`put_many`, also returning ``scan(i, piece)`` for each piece, computed on
-        the same worker thread while its bytes are hot (the importer's NaN/inf test).
+        """:meth:`put_many`, also returning ``scan(i, piece)`` for each piece this call
+        writes, computed on the worker thread that writes it while its bytes are hot (the
+        importer's NaN/inf test), and None for each piece it does not write: the store
+        held it already, or an equal piece earlier in ``pieces`` was written instead. The
+        caller tests those itself if it needs to (a re-import mostly does not).
 
         Each piece is hashed and, unless its file is there already, written and fsynced by
         one task, so hashing one piece overlaps writing another.
         """
-        def one(i: int) -> tuple[PieceId, bool, Any]:
+        def write(i: int, pid: PieceId) -> Any:
             piece = memoryview(pieces[i])
-            pid = PieceId(digest(piece))
             flag = scan(i, piece) if scan is not None else None
-            if self.files.exists(pid):
-                return pid, False, flag
             self.files.write_stream(pid, [piece], verified_id=pid, sync_dir=False)
-            return pid, True, flag
+            return flag
+
+        def one(i: int) -> tuple[PieceId, bool, Any]:
+            with nullcontext() if _SPLIT_HASHES else serial():
+                pid = PieceId(digest(memoryview(pieces[i])))
+            if self.files.exists(pid):
+                return pid, False, None
+            return pid, True, write(i, pid)
 
         with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
             # hashing, writing and fsync release the GIL: a few threads overlap them
             results = list(pool.map(one, range(len(pieces))))
             ids = [r[0] for r in results]
+            flags = [r[2] for r in results]
             held = self.index.has_objects(ids)
             # a file there but not indexed (a crash between its rename and its index row)
-            # is written again, as a new piece would be
-            redo = {pid: pieces[i] for i, (pid, wrote, _) in enumerate(results)
-                    if not wrote and pid not in held}
-            list(pool.map(lambda item: self.files.write_stream(
-                item[0], [item[1]], verified_id=item[0], sync_dir=False), redo.items()))
+            # is written again, as a new piece would be; one this call wrote is not
+            wrote = {pid for pid, was_written, _ in results if was_written}
+            redo = {pid: i for i, (pid, was_written, _) in enumerate(results)
+                    if not was_written and pid not in held and pid not in wrote}
+            for i, flag in zip(redo.values(), pool.map(write, redo.values(), redo.keys()),
+                               strict=True):
+                flags[i] = flag
             written = {pid: memoryview(pieces[i]).nbytes for i, pid in enumerate(ids)
                        if pid not in held}
             # concurrent directory fsyncs share journal commits
@@ -141,7 +156,7 @@ class LocalStore:
         if written:
             crashpoint("piece.before_index")
             self.index.add_objects(written.items())
-        return ids, len(written), [r[2] for r in results]
+        return ids, len(written), flags
 
     def put_stream(self, object_id: str, chunks: Iterable[bytes], max_size: int | None = None) -> PieceId:
         """Store bytes that arrive in chunks, verified against ``object_id`` as they stream."""
