@@ -212,5 +212,7 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=dtype)
     values = x.detach().to(torch.float64).contiguous().reshape(-1).numpy()
     raw, name = raw_view(out)
-    round_raw(values, name, raw)
+    for start in range(0, values.size, _WORK_MAX):  # elementwise: blocks give the same bits
+        stop = start + _WORK_MAX  # and keep the temporaries to a few blocks
+        round_raw(values[start:stop], name, raw[start:stop])
     return out

@@ -182,3 +182,18 @@ def test_merge_raw_refuses_what_merge_refuses() -> None:
     with pytest.raises(RecipeError):
         ta.merge_raw("t", {}, [{"weight": 1}], None, [a], out)
     linear.merge_raw("t", {}, [{"weight": 1}], None, [a], out)  # fine as it is
+
+
+def test_a_tensor_longer_than_the_work_buffers_rounds_as_its_parts() -> None:
+    """round_to works through long tensors in blocks (bounded temporaries): the bits are
+    those of rounding each element alone."""
+    from crdt_merge import numeric
+
+    n = 3 * numeric._WORK_MAX + 17
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 1e3
+    x[::97] = torch.tensor(tricky(torch.bfloat16)[:1], dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float16):
+        whole = round_to(x, dtype).view(torch.int16)
+        parts = torch.cat([round_to(p, dtype) for p in x.split(1000)]).view(torch.int16)
+        assert torch.equal(whole, parts)
