@@ -74,8 +74,14 @@ class ObjectFiles:
         self.quarantine = self.root / "quarantine"
 
     def create(self) -> None:
+        """Make the store's folders, with every fan-out folder of ``objects`` (ids start
+        with one of 256 hex pairs): made once here and fsynced together, rather than one
+        at a time by the first writes, each with its own fsync of ``objects``."""
         for d in (self.objects, self.tmp, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self.objects / f"{i:02x}").mkdir(exist_ok=True)
+        fsync_dir(self.objects)
         fsync_dir(self.root)
 
     def clean_tmp(self) -> int:

@@ -98,3 +98,25 @@ def test_sync_killed_at_each_crash_point(forks, tmp_path, point):
         assert b.state_root() == want
         assert b.store.staged_rows() == []
         assert contributions(b) == ["seed 1", "seed 2"]
+
+
+def test_a_new_replica_has_every_fan_out_folder_so_writes_make_none(tmp_path, monkeypatch):
+    """The 256 folders ``objects/00`` .. ``objects/ff`` are made (and fsynced) with the
+    replica; a first write then creates no folder (no fsync of ``objects`` per folder)."""
+    from crdt_merge.store import objects
+
+    r = Replica.create(tmp_path / "r", site="alpha", profile="test")
+    folders = sorted(p.name for p in (tmp_path / "r" / "objects").iterdir())
+    assert folders == [f"{i:02x}" for i in range(256)]
+    made = []
+    real_mkdir = Path.mkdir
+
+    def spy(self, *args, **kwargs):
+        made.append(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", spy)
+    ids = [r.store.put(bytes([i]) * 100) for i in range(40)]
+    assert len({i[:2] for i in ids}) > 30 and made == []
+    assert objects.ObjectFiles(tmp_path / "r").exists(ids[0])
+    r.close()
