@@ -188,6 +188,8 @@ def via_raw(raw_kernel: RawKernel) -> Kernel:
         return out.reshape(shape)
 
     return kernel
+
+
 Check = Callable[[Mapping[str, Scalar | None], Mapping[str, Scalar | None], str], None]
 
 
