@@ -203,14 +203,12 @@ def cmd_recipe(args: Any) -> tuple[int, Any]:
     if not args.method:
         raise BadParameter("give --method NAME (or --from-mergekit YAML)")
     from crdt_merge.methods import get_method
-    from crdt_merge.resolve.plan import OUT_DTYPES, RESOLVE_PARAMS
+    from crdt_merge.resolve.plan import check_recipe
     params = parse_params(args.param)
     method = get_method(args.method)
-    if "dtype" in params and params["dtype"] not in OUT_DTYPES:
-        raise BadParameter(f"dtype {params['dtype']!r}: use one of {sorted(OUT_DTYPES)}")
+    check_recipe(method, params)
     with Replica.open(args.dir) as r:
         r.membership()
-        method.validate_recipe({k: v for k, v in params.items() if k not in RESOLVE_PARAMS})
         anchor = _anchor(r, args.anchor) if args.anchor else None
         op = r.set_recipe(method.name, params, anchor=anchor)
         return 0, {"op_id": op.id, "method": method.name, "params": params, "anchor": anchor,

@@ -229,6 +229,32 @@ def normalize_slices(raw: object) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
+def check_recipe(method: Method, all_params: Mapping[str, Any]) -> tuple[
+        dict[str, Any], tuple[dict[str, Any], ...] | None, list[dict[str, Any]]]:
+    """A recipe's parameters checked as :func:`plan` checks them (``crdt-merge recipe``
+    checks them before authoring the op): the resolve parameters, then the method's,
+    per slice when there are ``slices`` (a slice may give a required value the recipe
+    does not). Returns the method's parameters, the canonical slices (or None) and each
+    slice's parameters over the recipe's.
+
+    Raises:
+        BadParameter: a bad dtype, ``allow_nonfinite``, slice or method parameter.
+    """
+    dtype_name = all_params.get("dtype")
+    if dtype_name is not None and dtype_name not in OUT_DTYPES:
+        raise BadParameter(f"dtype {dtype_name!r}: use one of {sorted(OUT_DTYPES)}")
+    if not isinstance(all_params.get("allow_nonfinite", False), bool):
+        raise BadParameter("allow_nonfinite must be true or false")
+    method_params = {k: v for k, v in all_params.items() if k not in RESOLVE_PARAMS}
+    slices = normalize_slices(all_params["slices"]) if "slices" in all_params else None
+    if slices is None:
+        method.validate_recipe(method_params)
+        return method_params, None, []
+    if method.name == _cross_family.NAME:
+        raise BadParameter(f"slices do not apply to {method.name}: it aligns whole models")
+    return method_params, slices, _slice_recipes(method, method_params, slices)
+
+
 def _slice_recipes(method: Method, method_params: Mapping[str, Any],
                    slices: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each slice's parameters over the recipe's (mergekit's precedence), each checked."""
@@ -398,23 +424,11 @@ def plan(replica: Replica) -> MergePlan:
                           "detail": f"site {retract.site} cannot retract another site's op"})
     all_params = dict(recipe.body["params"])
     dtype_name = all_params.get("dtype")
-    if dtype_name is not None and dtype_name not in OUT_DTYPES:
-        raise BadParameter(f"dtype {dtype_name!r}: use one of {sorted(OUT_DTYPES)}")
     allow = all_params.get("allow_nonfinite", False)
-    if not isinstance(allow, bool):
-        raise BadParameter("allow_nonfinite must be true or false")
     seed = all_params.get("seed")
-    method_params = {k: v for k, v in all_params.items() if k not in RESOLVE_PARAMS}
     method = get_method(recipe.body["method"])
     cross = method.name == _cross_family.NAME  # donors of other shapes, aligned per tensor
-    slices = normalize_slices(all_params["slices"]) if "slices" in all_params else None
-    if slices is None:
-        method.validate_recipe(method_params)
-        merged: list[dict[str, Any]] = []
-    elif cross:
-        raise BadParameter(f"slices do not apply to {method.name}: it aligns whole models")
-    else:
-        merged = _slice_recipes(method, method_params, slices)
+    method_params, slices, merged = check_recipe(method, all_params)
 
     live = opset.live_contributions(ops)
     contributions = [

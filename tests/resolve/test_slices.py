@@ -352,3 +352,29 @@ def test_from_mergekit_refuses_what_slices_cannot_do(tiny, tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert feature in err and err.count("\n") == 1, err
     assert _status(replica, capsys)["ops"] == 1  # nothing but the genesis
+
+
+def test_cli_recipe_takes_a_required_value_from_the_slices(tiny, tmp_path: Path,
+                                                             capsys) -> None:
+    """``crdt-merge recipe --param slices=...`` checks the method's parameters per slice,
+    as plan does: slerp's ``t`` given by every slice need not be given again at the top
+    level; a slice without it (and no top-level ``t``) is refused by name."""
+    replica = str(tmp_path / "r")
+    assert main(["init", replica, "--site", "alpha", "--profile", "test"]) == 0
+    with Replica.open(replica) as r:
+        b, c = imp(r, tiny["B"]), imp(r, tiny["C"])
+        r.contribute(c, label="C")
+    both = [{"sources": [src(b, 0, 2), src(c, 0, 2)], "parameters": {"t": 0.3}},
+            {"sources": [src(b, 2, 4), src(c, 2, 4)], "parameters": {"t": 0.6}}]
+    capsys.readouterr()
+    assert main(["--json", "recipe", replica, "--method", "slerp", "--anchor", b,
+                 "--param", f"slices={json.dumps(both)}"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["slices"][1]["parameters"] == {"t": "0.6"}
+    with Replica.open(replica) as r:
+        assert plan(r).slices is not None  # and plan accepts what the CLI authored
+    one = [both[0], {"sources": both[1]["sources"]}]
+    status = _status(replica, capsys)
+    assert main(["recipe", replica, "--method", "slerp", "--anchor", b,
+                 "--param", f"slices={json.dumps(one)}"]) == 2
+    assert "slices[1]" in capsys.readouterr().err
+    assert _status(replica, capsys)["ops"] == status["ops"]  # nothing authored
