@@ -500,6 +500,7 @@ def run_jobs(jobs: Sequence[Any], workers: int | None = None,
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
+        _SCRATCH.__dict__.clear()  # this thread's piece buffers (the pool's left with it)
 
 
 def _run_job_serially(job: Job) -> tuple[str, list[str]]:

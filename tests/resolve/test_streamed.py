@@ -154,3 +154,26 @@ def test_the_cli_resolves_an_elementwise_merge_without_importing_torch(
     assert "crdt_merge.resolve.execute" in imported  # the report is read right
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_the_piece_buffers_go_when_resolve_ends(replicas, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calling thread streams jobs itself with one worker: its reused piece buffers
+    must not outlive the resolve (a server resolving now and then would hold them)."""
+    a = replicas[0]
+    folder = write_model(tmp_path / "ft", _tensors(4, torch.float32))
+    a.contribute(import_model(a.store, str(folder), a.piece_size).manifest_id,
+                 params={"weight": "1"})
+    a.set_recipe("linear", {})
+    held = []
+    real = execute._scratch
+
+    def spy(count: int, nbytes: int):
+        bufs = real(count, nbytes)
+        held.append(len(execute._SCRATCH.bufs))
+        return bufs
+
+    monkeypatch.setattr(execute, "_scratch", spy)
+    resolve(a, tmp_path / "out", workers=1)
+    assert held and max(held) >= 2  # buffers were used ...
+    assert getattr(execute._SCRATCH, "bufs", []) == []  # ... and let go
