@@ -73,8 +73,6 @@ import html
 import importlib.util
 import json
 import math
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -447,33 +445,11 @@ def task_vector_stats(base: Path, tuned: dict[str, Path], merged: dict[str, Path
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = 0.0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    import torch
-    import transformers
+    from tests.bench.machine import describe
 
-    return {
-        "nproc": os.cpu_count(),
-        "ram_gib": round(ram, 1),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "date": subprocess.run(["date"], capture_output=True, text=True).stdout.strip(),
-    }
+    m = describe(("crdt-model-merge", "torch", "transformers"))
+    m["torch"], m["transformers"] = m["libraries"]["torch"], m["libraries"]["transformers"]
+    return m
 
 
 def table(scores: dict[str, dict[str, dict]], order: list[str]) -> str:
