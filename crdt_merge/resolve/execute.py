@@ -48,7 +48,7 @@ from crdt_merge.resolve.plan import ANCHOR, MergePlan, slice_layout
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.objects import ObjectFiles
-from crdt_merge.store.tensors import torch_dtype
+from crdt_merge.store.tensors import supported, torch_dtype
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
@@ -161,7 +161,10 @@ def run_job(job: Job) -> tuple[str, list[str]]:
     contributions = wire["contributions"]
     if job.out_dtype not in _FLOATS:
         # integer buffers and the like are not merged: the base's (or first donor's) bytes
-        data = read_record(files, job.base if job.base is not None else job.donors[0])
+        source = job.base if job.base is not None else job.donors[0]
+        if not supported(source.dtype):
+            raise ShapeMismatch(f"dtype {source.dtype} is not supported in merges")
+        data = read_record(files, source)
         return job.name, write_bytes(memoryview(data), job.path, job.offset, job.piece_size)
     method = get_method(wire["method"])
     sliced = job.sliced

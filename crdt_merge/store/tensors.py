@@ -12,6 +12,12 @@ _TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "b
                 "BOOL": "bool"}
 
 
+def supported(name: str) -> bool:
+    """Whether resolve handles tensors of this safetensors dtype (floats are merged, the
+    integer and bool ones copied); float8 and unsigned 16/32/64-bit ones are not."""
+    return name in _TORCH_NAMES
+
+
 def torch_dtype(name: str) -> torch.dtype | None:
     """The torch dtype of a safetensors dtype name (``"BF16"``), or None if not supported."""
     attr = _TORCH_NAMES.get(name)

@@ -177,3 +177,19 @@ def test_the_piece_buffers_go_when_resolve_ends(replicas, tmp_path: Path,
     resolve(a, tmp_path / "out", workers=1)
     assert held and max(held) >= 2  # buffers were used ...
     assert getattr(execute._SCRATCH, "bufs", []) == []  # ... and let go
+
+
+def test_a_float8_tensor_is_refused_not_copied(replicas, tmp_path: Path) -> None:
+    """Tensors that are not merged (integer buffers) are copied from the base; a float8
+    tensor is neither merged nor copied silently: resolve names its dtype."""
+    from crdt_merge.errors import ShapeMismatch
+
+    a = replicas[0]
+    ts = _tensors(5, torch.float32)
+    ts["model.scales"] = torch.ones(8).to(torch.float8_e4m3fn)
+    folder = write_model(tmp_path / "ft", ts)
+    a.contribute(import_model(a.store, str(folder), a.piece_size).manifest_id,
+                 params={"weight": "1"})
+    a.set_recipe("linear", {})
+    with pytest.raises(ShapeMismatch, match="F8_E4M3 is not supported"):
+        resolve(a, tmp_path / "out", workers=1)
