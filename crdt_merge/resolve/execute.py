@@ -48,6 +48,7 @@ from crdt_merge.resolve.plan import ANCHOR, MergePlan, slice_layout
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.objects import ObjectFiles
+from crdt_merge.store.safetensors_io import iter_pieces
 from crdt_merge.store.tensors import supported, torch_dtype
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -306,6 +307,7 @@ def _run_streamed(files: ObjectFiles, job: Job, method: Any, params: Sequence[Ma
     raw_out = RAW_DTYPES[job.out_dtype]
     out_buf = bufs[-1]
     out_size = np.dtype(raw_out).itemsize
+    inputs = list(zip(readers, job.forms, _delta_bases(job), strict=True))
     pieces: list[str] = []
     fd = os.open(job.path, os.O_WRONLY)
     try:
@@ -314,7 +316,7 @@ def _run_streamed(files: ObjectFiles, job: Job, method: Any, params: Sequence[Ma
             last = min(n, first + chunk)
             loaded = {rec: r.get(first, last) for rec, r in others.items()}
             donors = []
-            for reader, form, under in zip(readers, job.forms, _delta_bases(job), strict=True):
+            for reader, form, under in inputs:
                 t = reader.get(first, last)
                 if form == "delta" and under is not None:
                     t = _add_delta(loaded[under], t)
@@ -410,8 +412,8 @@ def write_bytes(data: memoryview, path: str, offset: int, piece_size: int) -> li
     pieces' ids."""
     fd = os.open(path, os.O_WRONLY)
     try:
-        return [_write_piece(fd, data[i:i + piece_size], offset + i)
-                for i in range(0, len(data), piece_size)]
+        return [_write_piece(fd, piece, offset + k * piece_size)
+                for k, piece in enumerate(iter_pieces(data, piece_size))]
     finally:
         os.close(fd)
 
