@@ -442,13 +442,7 @@ class Method:
         """
         if self.raw_kernel is None:
             raise TypeError(f"{self.name} is not elementwise: it has no raw kernel")
-        if self.base == "required" and base is None:
-            raise RecipeError(f"{self.name} needs a base model, and tensor {name} has none; "
-                              "name a base_model in the recipe")
-        self._check_count(len(donors))
-        if len(params) != len(donors):
-            raise ValueError(f"{name}: {len(params)} per-donor parameter maps for "
-                             f"{len(donors)} donors")
+        self._check_inputs(name, base is not None, len(donors), len(params))
         arrays = [*donors, out] if base is None else [base, *donors, out]
         for a in arrays:
             if RAW_DTYPES.get(a.dtype) != a.values.dtype or a.values.ndim != 1:
@@ -458,18 +452,20 @@ class Method:
                                 f"{sorted({a.values.size for a in arrays})}")
         _named(name, self.raw_kernel, self.bind_values(name, options, params), base, donors, out)
 
-    def _check_job(self, job: TensorJob) -> None:
-        if self.base == "required" and job.base is None:
+    def _check_inputs(self, name: str, has_base: bool, donors: int, params: int) -> None:
+        """The checks :meth:`merge` and :meth:`merge_raw` share: a base where one is
+        required, a donor count this method takes, one parameter map per donor."""
+        if self.base == "required" and not has_base:
             raise RecipeError(
-                f"{self.name} needs a base model, and tensor {job.name} has none; "
+                f"{self.name} needs a base model, and tensor {name} has none; "
                 "name a base_model in the recipe"
             )
-        self._check_count(len(job.donors))
-        if len(job.params) != len(job.donors):
-            raise ValueError(
-                f"{job.name}: {len(job.params)} per-donor parameter maps for "
-                f"{len(job.donors)} donors"
-            )
+        self._check_count(donors)
+        if params != donors:
+            raise ValueError(f"{name}: {params} per-donor parameter maps for {donors} donors")
+
+    def _check_job(self, job: TensorJob) -> None:
+        self._check_inputs(job.name, job.base is not None, len(job.donors), len(job.params))
         tensors = list(job.donors)
         if job.base is not None and self.base != "ignored":
             tensors.insert(0, job.base)
