@@ -214,11 +214,34 @@ def signed_permuted(rng: np.random.Generator, m: int, n: int, diagonal: list[flo
     return (core[rows][:, cols] * signs_r[:, None]) * signs_c[None, :]
 
 
+def fixed_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` with every entry a ``fixed_dot``: the same bits on any CPU and BLAS."""
+    out = np.zeros((a.shape[0], b.shape[1]))
+    for i in range(a.shape[0]):
+        for j in range(b.shape[1]):
+            out[i, j] = fixed_dot(a[i, :], b[:, j])
+    return out
+
+
+def orthonormal_columns(x: np.ndarray) -> np.ndarray:
+    """Modified Gram-Schmidt in fixed order (correctly rounded elementwise steps and
+    ``fixed_dot`` only), so the result does not depend on LAPACK's QR kernels."""
+    q = np.array(x, dtype=np.float64)
+    for j in range(q.shape[1]):
+        for i in range(j):
+            q[:, j] = q[:, j] - fixed_dot(q[:, i], q[:, j]) * q[:, i]
+        q[:, j] = q[:, j] / fixed_norm(q[:, j])
+    return q
+
+
 def planted(rng: np.random.Generator, m: int, n: int, spectrum: np.ndarray) -> np.ndarray:
+    """``U diag(spectrum) V^T`` with random orthonormal ``U``, ``V``. Built from the
+    generator's own fixed-order routines, never BLAS or LAPACK: these are stored *inputs*,
+    and an input must be the same bits on every machine that regenerates the file."""
     r = spectrum.size
-    u = np.linalg.qr(rng.standard_normal((m, r)))[0]
-    v = np.linalg.qr(rng.standard_normal((n, r)))[0]
-    return (u * spectrum) @ v.T
+    u = orthonormal_columns(rng.standard_normal((m, r)))
+    v = orthonormal_columns(rng.standard_normal((n, r)))
+    return fixed_matmul(u * spectrum, v.T)
 
 
 def margin(plan: dict, k: int) -> float:
