@@ -22,14 +22,14 @@ mergekit-env:
 	bash tests/oracle/setup_mergekit.sh
 
 test: $(STAMP) mergekit-env
-	$(PY) -m ruff check crdt_merge server tests
+	$(PY) -m ruff check crdt_merge crdt_merge_server tests
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 demo: $(STAMP)
 	$(PY) -m crdt_merge.demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check crdt_merge server tests
+	$(PY) -m ruff check crdt_merge crdt_merge_server tests
 
 clean:
 	rm -rf $(VENV) .venv-mergekit demo-out

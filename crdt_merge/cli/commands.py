@@ -334,14 +334,14 @@ def cmd_gc(args: Any) -> tuple[int, Any]:
 
 
 def cmd_serve(args: Any) -> tuple[int, Any]:
-    """Replace this process with the server program (``python -m server``): the package
+    """Replace this process with the server program (``python -m crdt_merge_server``): the package
     never imports the server (it depends on us, not the reverse)."""
     import importlib.util
     import os
 
-    if importlib.util.find_spec("server") is None or importlib.util.find_spec("fastapi") is None:
+    if importlib.util.find_spec("crdt_merge_server") is None or importlib.util.find_spec("fastapi") is None:
         raise CrdtMergeError("serving needs the server extra: pip install 'crdt-model-merge[server]'")
-    argv = [sys.executable, "-m", "server", args.dir]
+    argv = [sys.executable, "-m", "crdt_merge_server", args.dir]
     for flag, value in (("--host", args.host), ("--port", args.port),
                         ("--token-file", args.token_file),
                         ("--peer-token-file", args.peer_token_file),

@@ -5,7 +5,7 @@
 
 Measures, in one run, on loopback:
 
-1. Throughput: server B pulls a new 1 GiB donor from server A (``POST /v1/sync`` on B: B's
+1. Throughput: server B pulls a new 1 GiB donor from crdt_merge_server A (``POST /v1/sync`` on B: B's
    anti-entropy client fetches the op, the manifest and every 16 MiB piece, verifies each
    and stores it durably) against a plain download of the same safetensors file through
    the same stack (uvicorn + Starlette's FileResponse, an httpx client writing the file and
@@ -88,7 +88,7 @@ def serve_file(path: str) -> None:
     from fastapi import FastAPI
     from fastapi.responses import FileResponse
 
-    from server.main import bind
+    from crdt_merge_server.main import bind
 
     app = FastAPI()
 

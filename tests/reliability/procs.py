@@ -95,7 +95,7 @@ def serve(argv: list[str]) -> int:
         signal.signal(signal.SIGUSR1, arm)
     if args.sabotage:
         _sabotage(args.sabotage)
-    from server.__main__ import main
+    from crdt_merge_server.__main__ import main
 
     return main(rest)
 
@@ -172,7 +172,7 @@ def _wait(pid: int, timeout: float) -> int | None:
 
 def forkserver() -> None:
     import crdt_merge.cli.main  # noqa: F401  (imported once here, inherited by each child)
-    import server.__main__  # noqa: F401
+    import crdt_merge_server.__main__  # noqa: F401
 
     reply = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:

@@ -1,7 +1,7 @@
 """Corruption over real HTTP: damaged bytes at rest and on the wire are never taken for an
 object.
 
-At rest: replica B got its objects from server A by sync; then a byte flips in one of its
+At rest: replica B got its objects from crdt_merge_server A by sync; then a byte flips in one of its
 stored pieces (and, in a second round, in a piece and a manifest). ``resolve`` refuses to
 write a checkpoint from it (a typed error, no output folder, not even a partial one), ``crdt-merge
 fsck`` exits non-zero, the damaged objects are quarantined and wanted, and the next ``crdt-merge

@@ -8,7 +8,7 @@ answer 401).
 Each answer is checked: no 5xx; a status, media type and error body that specs/http.md
 documents for that route (the server's own OpenAPI lists only 200, so the schema given to
 schemathesis adds the statuses of the spec); an error code whose class maps to the status
-(server/errors.py); and a 4xx leaves the replica exactly as it was: committed and staged
+(crdt_merge_server/errors.py); and a 4xx leaves the replica exactly as it was: committed and staged
 ops, indexed objects, and the files under objects/, tmp/ and quarantine/.
 Budgets, reports and the bigger documented run: tests/reliability/fuzzing.py.
 """
@@ -47,9 +47,9 @@ from crdt_merge.errors import CrdtMergeError, error_for_code
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
 from crdt_merge.sync import reconcile, wire
-from server.app import create_app
-from server.errors import status_of
-from server.settings import Settings, parse_tokens
+from crdt_merge_server.app import create_app
+from crdt_merge_server.errors import status_of
+from crdt_merge_server.settings import Settings, parse_tokens
 from tests.reliability.fuzzing import (
     count,
     edited,

@@ -87,8 +87,8 @@ def test_state_etag_is_the_root_of_its_body_when_an_op_commits_meanwhile(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.testclient import TestClient
 
-    from server.app import create_app
-    from server.settings import Settings, parse_tokens
+    from crdt_merge_server.app import create_app
+    from crdt_merge_server.settings import Settings, parse_tokens
 
     writer = Replica.create(tmp_path / "r", "origin", name="load", profile="test")
     app = create_app(writer.path, Settings(tokens=parse_tokens(f"origin admin {TOKEN}")))
@@ -126,7 +126,7 @@ def test_server_keeps_an_idle_connection_longer_than_clients_do(tmp_path: Path) 
 
     import httpx
 
-    from server.main import KEEP_ALIVE_SECONDS
+    from crdt_merge_server.main import KEEP_ALIVE_SECONDS
     from tests.bench.load_bench import Server
 
     client_expiry = httpx.Limits().keepalive_expiry

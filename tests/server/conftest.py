@@ -32,8 +32,8 @@ def serve(transport: str) -> Iterator[Callable[..., Any]]:
             cleanups.append(other.close)
             return LocalPeer(other)
         if transport == "asgi":
-            from server.app import create_app
-            from server.settings import Settings
+            from crdt_merge_server.app import create_app
+            from crdt_merge_server.settings import Settings
 
             app = create_app(replica.path, settings or Settings())
             bridge = ASGIBridge(app)

@@ -20,9 +20,9 @@ from crdt_merge.errors import BadId, HashMismatch, PieceMissing
 from crdt_merge.hashing import digest
 from crdt_merge.sync import wire
 from crdt_merge.sync.http import HttpPeer
-from server.app import create_app
-from server.main import check_exposure
-from server.settings import Settings, parse_tokens
+from crdt_merge_server.app import create_app
+from crdt_merge_server.main import check_exposure
+from crdt_merge_server.settings import Settings, parse_tokens
 
 ADMIN = "admin-token-0123456789"
 WRITER = "writer-token-0123456789"

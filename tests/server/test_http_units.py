@@ -14,11 +14,11 @@ from crdt_merge import codec
 from crdt_merge.cli.main import main as cli_main
 from crdt_merge.errors import BadParameter, HashMismatch, IncompleteOp, PieceMissing
 from crdt_merge.sync import wire
-from server.app import create_app
-from server.errors import STATUS, status_of
-from server.pieces import parse_range
-from server.service import numeric_version
-from server.settings import Settings, parse_tokens
+from crdt_merge_server.app import create_app
+from crdt_merge_server.errors import STATUS, status_of
+from crdt_merge_server.pieces import parse_range
+from crdt_merge_server.service import numeric_version
+from crdt_merge_server.settings import Settings, parse_tokens
 
 
 def test_settings_from_environment_and_arguments(tmp_path):

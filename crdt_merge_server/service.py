@@ -15,8 +15,8 @@ from crdt_merge import ENGINE, NUMERIC_VERSION
 from crdt_merge.errors import BadParameter, PlanError, RecipeError
 from crdt_merge.replica import Replica
 from crdt_merge.sync import reconcile, wire
-from server.antientropy import AntiEntropy
-from server.settings import Settings
+from crdt_merge_server.antientropy import AntiEntropy
+from crdt_merge_server.settings import Settings
 
 
 def numeric_version() -> str:

@@ -17,7 +17,7 @@ from crdt_merge.errors import CrdtMergeError
 from crdt_merge.replica import Replica
 from crdt_merge.sync.http import HttpPeer
 from crdt_merge.sync.protocol import pull
-from server.settings import Settings
+from crdt_merge_server.settings import Settings
 
 log = logging.getLogger("crdt_merge.server")
 

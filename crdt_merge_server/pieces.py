@@ -15,9 +15,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from crdt_merge.errors import PieceMissing
 from crdt_merge.sync import wire
-from server.auth import CONTRIBUTE, READ
-from server.bodies import body_chunks, declared_length, read_body, reply, wants_json
-from server.routes import MSGPACK_BODY, etag_matches, service_of
+from crdt_merge_server.auth import CONTRIBUTE, READ
+from crdt_merge_server.bodies import body_chunks, declared_length, read_body, reply, wants_json
+from crdt_merge_server.routes import MSGPACK_BODY, etag_matches, service_of
 
 router = APIRouter(tags=["pieces"])
 

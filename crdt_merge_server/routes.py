@@ -11,9 +11,9 @@ from crdt_merge import ENGINE
 from crdt_merge.crdt import ops as opmod
 from crdt_merge.errors import OpMissing, SchemaError, WrongProject
 from crdt_merge.sync import reconcile, wire
-from server.auth import ADMIN, CONTRIBUTE, READ
-from server.bodies import read_body, reply
-from server.service import Service
+from crdt_merge_server.auth import ADMIN, CONTRIBUTE, READ
+from crdt_merge_server.bodies import read_body, reply
+from crdt_merge_server.service import Service
 
 router = APIRouter()
 

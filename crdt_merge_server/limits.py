@@ -27,8 +27,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from crdt_merge.sync import wire
-from server.errors import error_response
-from server.settings import Settings
+from crdt_merge_server.errors import error_response
+from crdt_merge_server.settings import Settings
 
 
 class GuardedH11Protocol(H11Protocol):

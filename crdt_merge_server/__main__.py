@@ -1,4 +1,4 @@
-"""``python -m server DIR [--host H] [--port P] ...``: serve a replica (``crdt-merge serve``
+"""``python -m crdt_merge_server DIR [--host H] [--port P] ...``: serve a replica (``crdt-merge serve``
 hands over to this program)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from crdt_merge.errors import CrdtMergeError
-from server.main import serve
-from server.settings import Settings
+from crdt_merge_server.main import serve
+from crdt_merge_server.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,10 @@ from typing import TextIO
 import uvicorn
 
 from crdt_merge.errors import BadParameter
-from server.app import create_app
-from server.auth import is_loopback
-from server.limits import guarded_protocol
-from server.settings import Settings
+from crdt_merge_server.app import create_app
+from crdt_merge_server.auth import is_loopback
+from crdt_merge_server.limits import guarded_protocol
+from crdt_merge_server.settings import Settings
 
 #: seconds an idle keep-alive connection stays open: longer than clients keep theirs (httpx,
 #: hence HttpPeer: 5 s), so the client always gives it up first; with equal timeouts a

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from fastapi import Depends, Request
 
 from crdt_merge.sync.wire import Forbidden, Unauthenticated
-from server.settings import Settings, Token
+from crdt_merge_server.settings import Settings, Token
 
 
 def is_loopback(host: str | None) -> bool:

@@ -16,11 +16,11 @@ from fastapi import FastAPI
 
 from crdt_merge import __version__
 from crdt_merge.replica import Replica
-from server import errors, pieces, routes
-from server.auth import Gate
-from server.limits import HeaderLimits
-from server.service import Service
-from server.settings import Settings
+from crdt_merge_server import errors, pieces, routes
+from crdt_merge_server.auth import Gate
+from crdt_merge_server.limits import HeaderLimits
+from crdt_merge_server.service import Service
+from crdt_merge_server.settings import Settings
 
 
 def create_app(replica_dir: str | os.PathLike[str], settings: Settings | None = None) -> FastAPI:
