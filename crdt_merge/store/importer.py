@@ -1,8 +1,11 @@
 """Import a model into a replica's store: tensors as pieces, config and tokenizer as files.
 
 Sources: a ``.safetensors`` file, a folder holding one (or a sharded checkpoint with
-``model.safetensors.index.json``) plus config and tokenizer files, or a Hugging Face repo
-id resolved through huggingface_hub's local cache (``org/name`` or ``org/name@revision``).
+``model.safetensors.index.json``) plus config and tokenizer files, a PyTorch checkpoint
+(``pytorch_model.bin`` or sharded with ``pytorch_model.bin.index.json``, read with
+``torch.load(weights_only=True)``, see :mod:`crdt_merge.store.torch_bin`; the same weights
+give the same manifest id as in safetensors), or a Hugging Face repo id resolved through
+huggingface_hub's local cache (``org/name`` or ``org/name@revision``).
 Tensors are read through a memory map, one piece at a time, and only pieces the store lacks
 are written, so importing the same model twice writes nothing. The NaN/inf test of the
 plan's policy runs on the pieces written, while they are hashed, and on the others only when
@@ -25,6 +28,7 @@ from crdt_merge.store.finite import FLOAT_DTYPES, finite_known, has_nonfinite, r
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
 from crdt_merge.store.safetensors_io import MappedFile, TensorInfo, iter_pieces, read_header
+from crdt_merge.store.torch_bin import bin_files
 
 #: files of a model folder kept beside the tensors (config, tokenizer, chat template)
 KEPT_FILES = (
@@ -76,7 +80,8 @@ def resolve_source(source: str) -> Path:
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ModelImportError(f"{path}: only .safetensors files can be imported")
+            raise ModelImportError(f"{path}: only .safetensors and .bin files can be imported "
+                                   "as files (a .gguf file: see crdt_merge.formats.gguf)")
         return [path]
     index = path / INDEX_NAME
     if index.is_file():
@@ -96,7 +101,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / s for s in shards]
     found = sorted(path.glob("*.safetensors"))
     if not found:
-        raise ModelImportError(f"{path}: no .safetensors files")
+        raise ModelImportError(f"{path}: no .safetensors or pytorch_model.bin files")
     return found
 
 
@@ -224,6 +229,9 @@ def import_model(store: LocalStore, source: str, piece_size: int,
             that appears in two shards.
     """
     path = resolve_source(source)
+    bins = bin_files(path)
+    if bins is not None:
+        return _import_bin(store, path, bins, piece_size, meta)
     new = total = 0
     # every header is read and checked, and the config parsed, before a byte is stored: an
     # import refused for any of them leaves the store as it was
@@ -271,25 +279,89 @@ def import_model(store: LocalStore, source: str, piece_size: int,
             total += len(ids)
     tensors = {name: TensorRecord(cut.info.dtype, cut.info.shape, tuple(cut.ids))
                for name, cut in cuts.items()}
+    return _finish(store, path, piece_size, tensors, info_meta, new, total,
+                   lambda: _first_nonfinite(cuts, piece_size))
+
+
+def _kept_files(store: LocalStore, path: Path, piece_size: int) -> tuple[dict[str, FileRecord], int, int]:
+    """The config and tokenizer files of a model folder stored; their records, how many
+    pieces were new and how many there are."""
     files: dict[str, FileRecord] = {}
-    folder = path if path.is_dir() else path.parent
+    new = total = 0
     if path.is_dir():
         for name in KEPT_FILES:
-            f = folder / name
+            f = path / name
             if f.is_file():
                 data = memoryview(f.read_bytes())
                 ids, n_new = _put_bytes(store, data, piece_size)
                 files[name] = FileRecord(len(data), tuple(ids))
                 new += n_new
                 total += len(ids)
-    manifest = Manifest(piece_size, dict(sorted(tensors.items())), files, info_meta)
-    data = manifest.encode()
-    mid = ManifestId(store.put(data))
+    return files, new, total
+
+
+def _finish(store: LocalStore, path: Path, piece_size: int, tensors: dict[str, TensorRecord],
+            meta: dict[str, Any], new: int, total: int,
+            first_bad: Callable[[], str | None]) -> Imported:
+    """Store the kept files and the manifest; cache the manifest's NaN/inf answer."""
+    files, n_new, n_total = _kept_files(store, path, piece_size)
+    manifest = Manifest(piece_size, dict(sorted(tensors.items())), files, meta)
+    mid = ManifestId(store.put(manifest.encode()))
     if not finite_known(store, mid):
         # the plan's NaN/inf policy, cached per manifest; a re-import finds it cached and
         # tests nothing
-        remember_finite(store, mid, _first_nonfinite(cuts, piece_size))
-    return Imported(mid, manifest, str(path), new, total)
+        remember_finite(store, mid, first_bad())
+    return Imported(mid, manifest, str(path), new + n_new, total + n_total)
+
+
+def _import_bin(store: LocalStore, path: Path, shards: list[Path], piece_size: int,
+                meta: dict[str, Any] | None) -> Imported:
+    """Import a PyTorch checkpoint: every shard loaded (``weights_only``) and checked
+    before a byte is stored, then each tensor's raw bytes cut into pieces exactly as a
+    safetensors file's would be."""
+    from crdt_merge.store.torch_bin import dtype_name, load_bin, raw_bytes
+
+    loaded: dict[str, Any] = {}
+    for shard in shards:
+        for name, t in load_bin(shard).items():
+            if name in loaded:
+                raise ModelImportError(f"{path}: tensor {name!r} appears in two shards")
+            loaded[name] = t
+    if not loaded:
+        raise ModelImportError(f"{path}: the checkpoint holds no tensors")
+    info_meta: dict[str, Any] = dict(meta or {})
+    model_type = _model_type(path)
+    if model_type is not None:
+        info_meta.setdefault("model_type", model_type)
+    names = sorted(loaded)
+    kinds = {name: dtype_name(loaded[name]) for name in names}
+    parts: dict[str, list[memoryview]] = {
+        name: list(iter_pieces(raw_bytes(loaded[name]), piece_size)) for name in names}
+    pieces = [p for name in names for p in parts[name]]
+    piece_kinds = [kinds[name] for name in names for _ in parts[name]]
+    # pieces new to the store are tested for NaN/inf while they are written (as for
+    # safetensors), the ones already held only if the manifest's answer is not cached
+    ids, new, found = _put_pieces(
+        store, pieces, lambda i, piece: has_nonfinite(piece, piece_kinds[i]))
+    tensors: dict[str, TensorRecord] = {}
+    flags: dict[str, list[bool | None]] = {}
+    at = 0
+    for name in names:
+        count = len(parts[name])
+        shape = tuple(int(d) for d in loaded[name].shape)
+        tensors[name] = TensorRecord(kinds[name], shape, tuple(ids[at:at + count]))
+        flags[name] = found[at:at + count]
+        at += count
+
+    def first_bad() -> str | None:
+        for name in names:
+            if kinds[name] in FLOAT_DTYPES and any(
+                    has_nonfinite(p, kinds[name]) if f is None else f
+                    for p, f in zip(parts[name], flags[name], strict=True)):
+                return name
+        return None
+
+    return _finish(store, path, piece_size, tensors, info_meta, new, len(ids), first_bad)
 
 
 def read_file(store: LocalStore, record: FileRecord) -> bytes:
