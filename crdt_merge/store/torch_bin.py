@@ -40,7 +40,8 @@ def bin_files(path: Path) -> list[Path] | None:
     """
     if path.is_file():
         return [path] if path.suffix == ".bin" else None
-    if not path.is_dir() or any(path.glob("*.safetensors")):
+    if not path.is_dir() or any(path.glob("*.safetensors")) or (
+            path / "model.safetensors.index.json").exists():
         return None
     index = path / BIN_INDEX_NAME
     if index.is_file():
