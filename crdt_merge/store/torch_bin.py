@@ -81,9 +81,10 @@ def load_bin(path: Path) -> dict[str, Any]:
                     raise
                 value = torch.load(path, map_location="cpu", weights_only=True)  # legacy
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelImportError(f"{path}: holds objects other than tensors; refused without "
-                               f"running it (weights_only: {first[:300]})") from None
+        text = str(exc)
+        why = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+        raise ModelImportError(f"{path}: not a checkpoint of tensors only; refused without "
+                               f"running it (weights_only: {(why[0] if why else text)[:300]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
         raise ModelImportError(f"{path}: not a readable PyTorch checkpoint "
                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
