@@ -142,10 +142,16 @@ def apply_mergekit_yaml(replica: Replica, path: str,
     parameters is reused, and an identical winning recipe is kept.
     """
     from crdt_merge.cli.commands import _canon_numbers
-    from crdt_merge.methods import get_method, plan_slices
+    from crdt_merge.methods import NOT_IN_MERGEKIT, get_method, plan_slices
     from crdt_merge.resolve.plan import normalize_slices
 
     config = load(path)
+    if config["merge_method"] in NOT_IN_MERGEKIT:
+        raise Unsupported(
+            f"{path}: merge_method {config['merge_method']!r} is crdt-merge's own (mergekit has "
+            "no such method), so a mergekit file cannot ask for it; import the models with "
+            f"`--method linear` or similar, then `crdt-merge recipe --method "
+            f"{config['merge_method']}`")
     method = get_method(config["merge_method"])
     recipe_params = _canon_numbers(dict(config.get("parameters") or {}))
     sliced = "slices" in config

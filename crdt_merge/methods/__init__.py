@@ -14,6 +14,7 @@ The formulas, tie rules and the randomness construction are written down in
 """
 
 from crdt_merge.methods import (  # noqa: F401  (each module registers its methods)
+    arcee_fusion,
     breadcrumbs,
     cross_family_params,
     dare,
@@ -22,8 +23,12 @@ from crdt_merge.methods import (  # noqa: F401  (each module registers its metho
     linear,
     model_stock,
     multislerp,
+    nearswap,
     nuslerp,
     passthrough,
+    ram,
+    robust,
+    sce,
     slerp,
     task_arithmetic,
     ties,
@@ -38,10 +43,18 @@ from crdt_merge.methods.base import (
     TensorJob,
     get_method,
 )
+from crdt_merge.methods.clipped import register_clipped
 from crdt_merge.methods.params import layer_t, parse_scalar, resolve_param
 from crdt_merge.methods.slices import OutputTensor, SlicePlan, passthrough_sources, plan_slices
 
+register_clipped()
+
+NOT_IN_MERGEKIT = frozenset({"median", "trimmed_mean", "clipped", "krum", "multi_krum"})
+"""Robust methods of crdt-merge that mergekit does not have: ``--from-mergekit`` refuses
+them by name."""
+
 __all__ = [
+    "NOT_IN_MERGEKIT",
     "METHODS",
     "WHOLE_MODEL",
     "REQUIRED",

@@ -69,6 +69,8 @@ class ParamSpec:
     def range_text(self) -> str:
         if self.type is bool:
             return "true or false"
+        if self.type is str:
+            return "a name"
         if self.low is None and self.high is None:
             return "any finite number"
         lo = "(-inf" if self.low is None else ("(" if self.low_open else "[") + f"{self.low:g}"
@@ -81,7 +83,7 @@ class ParamSpec:
             parsed = parse_scalar(value, self.type)
         except ValueError as exc:
             raise BadParameter(f"{where}: parameter {self.name!r}: {exc}") from None
-        if self.type is not bool:
+        if self.type in (int, float):
             x = float(parsed)
             bad = (
                 self.low is not None and (x < self.low or (self.low_open and x == self.low))

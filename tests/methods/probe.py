@@ -48,6 +48,17 @@ CASES: list[tuple[str, str, int, dict, dict]] = [
     ("model_stock", "model_stock", 3, {}, {}),
     ("model_stock_rows", "model_stock", 3, {}, {"filter_wise": True}),
     ("passthrough", "passthrough", 1, {"scale": "0.5"}, {}),
+    ("median", "median", 3, {}, {}),
+    ("median_even", "median", 2, {}, {}),
+    ("trimmed_mean", "trimmed_mean", 3, {}, {"trim": 1}),
+    ("trimmed_mean_weighted", "trimmed_mean", 3, {"weight": "0.5"}, {"trim": 0}),
+    ("clipped_ties", "clipped", 3, {"weight": "0.5", "density": "0.4"},
+     {"then": "ties", "clip": "0.8"}),
+    ("sce", "sce", 3, {}, {"select_topk": "0.4"}),
+    ("nearswap", "nearswap", 1, {}, {"t": "0.01"}),
+    ("arcee_fusion", "arcee_fusion", 1, {}, {}),
+    ("ram", "ram", 3, {}, {"epsilon": "0.005"}),
+    ("ramplus_tl", "ramplus_tl", 3, {}, {"epsilon": "0.005"}),
 ]
 
 

@@ -250,17 +250,23 @@ def test_random_methods_at_density_one_are_their_deterministic_twins() -> None:
     assert same_bits(run("della", base, donors, params, {"normalize": False}), ties)
 
 
+DONORS = {"slerp": 1, "passthrough": 1, "nuslerp": 2, "nearswap": 1, "arcee_fusion": 1}
+"""Donor counts of the methods that do not take three."""
+OPTIONS = {"slerp": {"t": "0.4"}, "nearswap": {"t": "0.05"}, "clipped": {"then": "ties"}}
+"""Required global parameters."""
+
+
 def test_every_method_is_repeatable() -> None:
     base = tensor("b", (31, 9))
     donors = [base + tensor(f"d{i}", (31, 9)) * 0.1 for i in range(3)]
     for name, m in sorted(METHODS.items()):
-        count = {"slerp": 1, "passthrough": 1, "nuslerp": 2}.get(name, 3)
+        count = DONORS.get(name, 3)
         names = {p.name for p in m.params}
         params = [
             {k: v for k, v in (("weight", "0.6"), ("density", "0.5")) if k in names}
             for _ in range(count)
         ]
-        options = {"t": "0.4"} if name == "slerp" else {}
+        options = dict(OPTIONS.get(name, {}))
         first = run(name, base, donors[:count], params, options)
         assert same_bits(first, run(name, base, donors[:count], params, options)), name
 
@@ -270,13 +276,13 @@ def test_every_method_handles_odd_shapes(shape) -> None:
     base = torch.full(shape, 0.5, dtype=torch.float64)
     donors = [base + 0.1 * (i + 1) for i in range(3)]
     for name, m in sorted(METHODS.items()):
-        count = {"slerp": 1, "passthrough": 1, "nuslerp": 2}.get(name, 3)
+        count = DONORS.get(name, 3)
         names = {p.name for p in m.params}
         params = [
             {k: v for k, v in (("weight", "0.6"), ("density", "0.5")) if k in names}
             for _ in range(count)
         ]
-        modes = [{"t": "0.4"}] if name == "slerp" else [{}]
+        modes = [dict(OPTIONS.get(name, {}))]
         modes += [{"nuslerp_flatten": False}] if name == "nuslerp" else []
         modes += [{"filter_wise": True}] if name == "model_stock" else []
         for options in modes:
@@ -297,13 +303,13 @@ def test_inputs_in_their_stored_dtype_and_rounding_inside_change_no_bit(
     donors64 = [(base64 + tensor(f"d{i}", (37, 11), 0.01)).to(stored).to(torch.float64)
                 for i in range(3)]
     for name, m in sorted(METHODS.items()):
-        count = {"slerp": 1, "passthrough": 1, "nuslerp": 2}.get(name, 3)
+        count = DONORS.get(name, 3)
         names = {p.name for p in m.params}
         params = [
             {k: v for k, v in (("weight", str(0.3 + 0.2 * i)), ("density", "0.6"))
              if k in names} for i in range(count)
         ]
-        options = {"t": "0.4"} if name == "slerp" else {}
+        options = dict(OPTIONS.get(name, {}))
         base = None if m.base == "ignored" else base64
         want = round_to(run(name, base, donors64[:count], params, options), out)
         for block in (8, 1 << 16):

@@ -126,6 +126,19 @@ def _cases() -> list[dict]:
         ("model_stock", "cube", True, 3, {"filter_wise": True}),
         ("passthrough", "mat", False, 1, {"scale": {"m0": 0.5}}),
         ("passthrough", "vec", False, 1, {}),
+        # mergekit's newer methods (issue 16)
+        ("sce", "mat", True, 3, {}),
+        ("sce", "mat", True, 3, {"select_topk": 0.3}),
+        ("sce", "cube", True, 2, {"select_topk": 0.5}),
+        ("nearswap", "mat", True, 1, {"t": 0.005}),
+        ("nearswap", "vec", True, 1, {"t": 0.02}),
+        ("arcee_fusion", "mat", True, 1, {}),
+        ("arcee_fusion", "cube", True, 1, {}),
+        ("arcee_fusion", "vec", True, 1, {}),
+        ("ram", "mat", True, 3, {"epsilon": 0.01}),
+        ("ram", "vec", True, 2, {}),
+        ("ramplus_tl", "mat", True, 3, {"epsilon": 0.01}),
+        ("ramplus_tl", "cube", True, 3, {"epsilon": 0.015, "r": 0.5, "alpha": 0.8}),
     ]
     out = []
     for index, (method, shape, with_base, donors, params) in enumerate(cases):

@@ -30,11 +30,17 @@ MERGEKIT_NAMES = {
     "karcher",
     "model_stock",
     "passthrough",
+    "sce",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
 }
+ROBUST_NAMES = {"median", "trimmed_mean", "clipped"}
 
 
 def test_registry_has_exactly_the_standard_set() -> None:
-    assert set(METHODS) == MERGEKIT_NAMES
+    assert set(METHODS) == MERGEKIT_NAMES | ROBUST_NAMES
     for name, m in METHODS.items():
         assert m.name == name and get_method(name) is m
         assert m.paper.startswith("https://")
@@ -45,8 +51,9 @@ def test_registry_has_exactly_the_standard_set() -> None:
 
 def test_unknown_method_lists_the_known_ones() -> None:
     with pytest.raises(UnknownMethod) as info:
-        get_method("sce")
-    assert "sce" in str(info.value) and "dare_ties" in str(info.value)
+        get_method("frankenstein")
+    assert "frankenstein" in str(info.value) and "dare_ties" in str(info.value)
+    assert "median" in str(info.value) and "sce" in str(info.value)
     assert isinstance(info.value, RecipeError) and isinstance(info.value, ValueError)
 
 

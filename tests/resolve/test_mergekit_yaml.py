@@ -42,6 +42,10 @@ CASES = {
     "ties": ("ties", "base", [{"weight": 1.0, "density": 0.6}, {"weight": 0.5, "density": 0.4}],
              {"normalize": True}),
     "slerp": ("slerp", "base", [{}], {"t": 0.3}),
+    # mergekit's newer methods (issue 16)
+    "sce": ("sce", "base", [{}, {}], {"select_topk": 0.5}),
+    "ramplus_tl": ("ramplus_tl", "base", [{}, {}], {"epsilon": 0.01}),
+    "nearswap": ("nearswap", "base", [{}], {"t": 0.01}),
 }
 
 
@@ -115,4 +119,22 @@ def test_unsupported_features_are_refused_by_name(tiny, tmp_path: Path, capsys, 
     assert main(["recipe", replica, "--from-mergekit", str(path)]) == 2
     err = capsys.readouterr().err
     assert feature in err and err.count("\n") == 1
+    assert json.loads(_status(replica, capsys))["ops"] == 1  # nothing but the genesis
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean", "clipped", "krum", "multi_krum"])
+def test_robust_methods_are_refused_by_name(tiny, tmp_path: Path, capsys, method) -> None:
+    """mergekit has no robust aggregators, so a mergekit file naming one is not mergekit's."""
+    import yaml
+
+    config = {"merge_method": method, "base_model": str(tiny["base"]),
+              "models": [{"model": str(tiny["m1"])}, {"model": str(tiny["m2"])}]}
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    replica = str(tmp_path / "r")
+    assert main(["init", replica, "--site", "alpha", "--profile", "test"]) == 0
+    capsys.readouterr()
+    assert main(["recipe", replica, "--from-mergekit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert repr(method) in err and "mergekit has no such method" in err
     assert json.loads(_status(replica, capsys))["ops"] == 1  # nothing but the genesis
