@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from crdt_merge.cli import commands
+from crdt_merge.cli import commands, folder, ops_export
 from crdt_merge.errors import CrdtMergeError
 
 
@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("peers", nargs="+")
     c.add_argument("--token")
 
+    c = cmd("verify-folder", "recompute a checkpoint folder's id from its files (no replica)")
+    c.add_argument("folder")
+    c.add_argument("--expect", metavar="ID", help="the checkpoint id the files must have")
+    c.add_argument("--piece-size", type=int, help="default: as merge_manifest.json records")
+
+    c = cmd("ops", "export the replica's ops")
+    ops = c.add_subparsers(dest="ops_command", required=True)
+    oe = ops.add_parser("export", help="every op of the state, canonical bytes, one file")
+    oe.add_argument("dir")
+    oe.add_argument("--out", required=True, help="the file to write (- for stdout)")
+    oe.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
     c = cmd("fsck", "verify every stored object and op")
     c.add_argument("dir")
 
@@ -133,7 +145,8 @@ def _print(payload: Any, as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = getattr(commands, "cmd_" + args.command.replace("-", "_"))
+    extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops}
+    handler = extra.get(args.command) or getattr(commands, "cmd_" + args.command.replace("-", "_"))
     try:
         code, payload = handler(args)
     except CrdtMergeError as exc:
@@ -145,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crdt-merge: interrupted", file=sys.stderr)
         return 130
-    _print(payload, args.json)
+    if payload is not None:
+        _print(payload, args.json)
     return code
 
 

@@ -16,6 +16,7 @@ from crdt_merge.errors import OutputExists, PieceCorrupt, PieceMissing, PlanErro
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import cross_family, output
+from crdt_merge.resolve.checkpoint import MANIFEST_FILE, check_folder, checkpoint_manifest
 from crdt_merge.resolve.execute import (
     config_num_layers,
     numeric_profile,
@@ -25,12 +26,9 @@ from crdt_merge.resolve.execute import (
 )
 from crdt_merge.resolve.plan import MergePlan, plan
 from crdt_merge.store.importer import read_file
-from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
-from crdt_merge.store.safetensors_io import iter_pieces
+from crdt_merge.store.manifests import Manifest, TensorRecord
 
 __all__ = ["MergePlan", "Resolved", "checkpoint_key", "plan", "resolve", "execute"]
-
-MANIFEST_FILE = "merge_manifest.json"
 
 
 def checkpoint_key(plan_id: str, method: str) -> str:
@@ -39,7 +37,7 @@ def checkpoint_key(plan_id: str, method: str) -> str:
     under another profile (another torch, or for cross_family another MKL or
     ``MKL_CBWR``) is never reported as this one's."""
     profile = digest(json.dumps(numeric_profile(method), sort_keys=True).encode())
-    return f"checkpoint:{plan_id}:{profile[:16]}"
+    return f"checkpoint/v2:{plan_id}:{profile[:16]}"  # v2: the id covers every file
 
 
 @dataclass(frozen=True)
@@ -118,23 +116,21 @@ def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int |
             raise
 
     tensors = {name: TensorRecord(dtype, shape, tuple(pieces[name])) for name, dtype, shape in specs}
-    file_records = {name: FileRecord(len(data), tuple(digest(p) for p in iter_pieces(
-        memoryview(data), replica.piece_size))) for name, data in files.items()}
-    manifest = Manifest(replica.piece_size, dict(sorted(tensors.items())), file_records,
-                        {})  # content only: equal bytes, equal id, whatever the plan
-    checkpoint_id = manifest.id
     for name, data in files.items():
         (tmp / name).write_bytes(data)
+    labels = {c.op_id: c.label for c in the_plan.contributions}
+    output.write_card(tmp, output.model_card(the_plan.to_wire(), the_plan.id, labels))
+    # the id covers every file written so far, byte for byte (specs/checkpoint.md)
+    manifest = checkpoint_manifest(tmp, replica.piece_size, tensors)
+    checkpoint_id = manifest.id
     record = {
         "checkpoint_id": checkpoint_id, "plan_id": the_plan.id,
         "state_root": the_plan.state_root, "recipe_op": the_plan.recipe_op,
         "numeric_profile": numeric_profile(the_plan.method), "plan": the_plan.to_wire(),
         "decisions": [dict(d) for d in the_plan.decisions],
-        "manifest": output.manifest_to_json(manifest),
+        "manifest": output.manifest_to_json(manifest), "max_shard_size": max_shard_size,
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    labels = {c.op_id: c.label for c in the_plan.contributions}
-    output.write_card(tmp, output.model_card(record, labels))
     output.sync_files(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -162,22 +158,42 @@ def resolve(replica: Replica, out: str | Path, *, workers: int | None = None,
 
 def resolve_recorded(replica: Replica, manifest_file: str | Path, out: str | Path, *,
                      workers: int | None = None) -> Resolved:
-    """Re-derive a checkpoint from its ``merge_manifest.json`` and check its id.
+    """Re-derive a checkpoint from its ``merge_manifest.json``, check its id, and check the
+    folder the record lies in (the user's files) against it.
 
     Raises:
-        PlanError: the re-derived checkpoint id differs (another numeric profile, or a
-            tampered record).
+        PlanError: the recorded plan does not hash to its plan id; the re-derived checkpoint
+            id differs from the recorded one (another numeric profile, or a tampered
+            record); or the user's folder holds files that do not hash to the re-derived
+            id (the message names them; the re-derived copy in ``out`` is the right one).
     """
-    record = json.loads(Path(manifest_file).read_text())
-    the_plan = MergePlan.from_wire(record["plan"], tuple(record.get("decisions", ())),
-                                   record.get("recipe_op", ""), record.get("state_root", ""))
-    if the_plan.id != record["plan_id"]:
+    manifest_file = Path(manifest_file)
+    try:
+        record = json.loads(manifest_file.read_bytes())
+        the_plan = MergePlan.from_wire(record["plan"], tuple(record.get("decisions", ())),
+                                       record.get("recipe_op", ""), record.get("state_root", ""))
+        recorded_plan_id, recorded_id = record["plan_id"], record["checkpoint_id"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PlanError(f"{manifest_file}: not a merge_manifest.json written by resolve "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    if the_plan.id != recorded_plan_id:
         raise PlanError(f"{manifest_file}: the plan hashes to {the_plan.id}, "
-                        f"not the recorded {record['plan_id']}")
-    result = execute(replica, the_plan, out, workers=workers)
-    if result.checkpoint_id != record["checkpoint_id"]:
+                        f"not the recorded {recorded_plan_id}")
+    shard = record.get("max_shard_size", output.DEFAULT_SHARD_SIZE)
+    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 1:
+        raise PlanError(f"{manifest_file}: max_shard_size {shard!r} is not a positive integer")
+    result = execute(replica, the_plan, out, workers=workers, max_shard_size=shard)
+    if result.checkpoint_id != recorded_id:
         same = record.get("numeric_profile") == numeric_profile(the_plan.method)
         raise PlanError(f"re-derived checkpoint {result.checkpoint_id} differs from the recorded "
-                        f"{record['checkpoint_id']}"
+                        f"{recorded_id}"
                         + ("" if same else " (different numeric profile)"))
+    folder = manifest_file.parent
+    if manifest_file.name == MANIFEST_FILE and folder.resolve() != Path(out).resolve() and any(
+            f.name != MANIFEST_FILE for f in folder.iterdir()):
+        check = check_folder(folder, expect=result.checkpoint_id)
+        if not check.ok:
+            raise PlanError(f"{folder} is not the checkpoint its record names: "
+                            + "; ".join(check.problems)
+                            + f". The re-derived checkpoint {result.checkpoint_id} is in {out}")
     return result

@@ -138,20 +138,25 @@ def slice_config(config_bytes: bytes, slices: Sequence[Mapping[str, Any]],
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> str:
-    """The README.md of the checkpoint: every contribution, every decision, the recipe."""
-    plan = manifest_json["plan"]
+def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str]) -> str:
+    """The README.md of the checkpoint: the recipe and every contribution merged.
+
+    The card is covered by the checkpoint id (specs/checkpoint.md), so it holds only what
+    the plan fixes: never the checkpoint id itself, the state root, the engine version or
+    the decisions (which the same plan can be reached with different ones of: an ignored
+    retract, a superseded recipe); those are in ``merge_manifest.json``.
+    """
     lines = [
         "---", "library_name: transformers", "tags:", "- merge", "- crdt-merge", "---", "",
         "# Merged model", "",
-        f"Resolved by {manifest_json['numeric_profile']['engine']} from a replicated merge "
-        "project. Every replica holding the same ops resolves this checkpoint byte for byte.",
-        "", f"- checkpoint id: `{manifest_json['checkpoint_id']}`",
-        f"- plan id: `{manifest_json['plan_id']}`",
-        f"- state root: `{manifest_json['state_root']}`",
-        f"- numeric profile: `{json.dumps(manifest_json['numeric_profile'], sort_keys=True)}`",
+        "Resolved by crdt-merge from a replicated merge project. Every replica holding the "
+        "same ops resolves this checkpoint byte for byte; `crdt-merge verify-folder` "
+        "recomputes its checkpoint id from the files of this folder.",
+        "", f"- plan id: `{plan_id}`",
+        "- checkpoint id, state root, numeric profile and plan decisions (contributions "
+        "excluded, retracts ignored, recipe conflicts): in `merge_manifest.json`",
         "", "## Recipe", "",
-        f"- method: `{plan['method']}` (recipe op `{manifest_json['recipe_op']}`)",
+        f"- method: `{plan['method']}`",
         f"- parameters: `{json.dumps(plan['params'], sort_keys=True)}`",
         f"- base / anchor manifest: `{plan['base'] or '(none)'}`",
         f"- output dtype: `{plan['dtype'] or 'as the base'}`", "",
@@ -163,13 +168,6 @@ def model_card(manifest_json: Mapping[str, Any], labels: Mapping[str, str]) -> s
                      f"| {c['form']} | `{json.dumps(c['params'], sort_keys=True)}` |")
     if plan.get("slices"):
         lines += _slice_lines(plan, labels)
-    lines += ["", "## Plan decisions", ""]
-    decisions = manifest_json["decisions"]
-    if not decisions:
-        lines.append("None: every live contribution was merged.")
-    for d in decisions:
-        op = f" `{d['op_id'][:16]}`" if d.get("op_id") else ""
-        lines.append(f"- {d['decision']}:{op} {d['detail']}")
     lines.append("")
     return "\n".join(lines)
 
@@ -199,12 +197,9 @@ def _slice_lines(plan: Mapping[str, Any], labels: Mapping[str, str]) -> list[str
 
 
 def write_card(out: Path, text: str) -> None:
-    try:
-        from huggingface_hub import ModelCard
-    except ImportError:  # pragma: no cover - without the hub extra, the same text
-        (out / "README.md").write_text(text)
-        return
-    ModelCard(text).save(out / "README.md")
+    """README.md, as UTF-8 bytes with ``\\n`` line ends on every platform (the checkpoint id
+    covers them; no library re-renders them)."""
+    (out / "README.md").write_bytes(text.encode("utf-8"))
 
 
 def manifest_to_json(manifest: Manifest) -> dict[str, Any]:

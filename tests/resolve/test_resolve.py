@@ -290,7 +290,7 @@ def test_cached_checkpoints_are_keyed_by_numeric_profile() -> None:
     (key_a, profile_a, exact_a, plain_a) = run("COMPATIBLE")
     (key_b, profile_b, exact_b, plain_b) = run("AVX2")
     assert run("COMPATIBLE")[0] == key_a
-    assert key_a != key_b and key_a.startswith("checkpoint:" + "ab" * 32)
+    assert key_a != key_b and key_a.startswith("checkpoint/v2:" + "ab" * 32)
     assert (profile_a["mkl_cbwr"], profile_b["mkl_cbwr"]) == ("COMPATIBLE", "AVX2")
     assert profile_a["mkl"] == profile_b["mkl"] != ""
     assert exact_a == exact_b and plain_a == plain_b and exact_a != key_a
