@@ -61,17 +61,49 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise NonCanonicalEncoding(f"msgpack extension type {code} is not allowed")
 
 
-def decode(data: bytes) -> Any:
+class _Budget:
+    """Counts the elements of the arrays and maps msgpack builds, refusing past ``limit``:
+    each hook runs as its container is completed, and no container may be longer than
+    the limit either, so at most about twice ``limit`` elements are ever built."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def _spend(self, n: int) -> None:
+        self.left -= n + 1
+        if self.left < 0:
+            raise NonCanonicalEncoding("too many elements for the size of the message")
+
+    def array(self, value: list[Any]) -> list[Any]:
+        self._spend(len(value))
+        return value
+
+    def map(self, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+        self._spend(len(pairs))
+        return dict(pairs)
+
+
+def decode(data: bytes, *, max_items: int | None = None) -> Any:
     """Decode canonical msgpack strictly.
 
+    ``max_items`` bounds the array and map elements of the whole value (and so the memory
+    decoding may take: a body of one-byte elements would otherwise cost some 60 bytes of
+    Python objects per byte). Callers decoding a request body derive it from the body's
+    size and the smallest element they accept (specs/http.md).
+
     Raises:
-        NonCanonicalEncoding: the bytes are malformed, contain floats or extension types, or
+        NonCanonicalEncoding: the bytes are malformed, contain floats or extension types,
             do not re-encode to themselves (unsorted or duplicate keys, long integer forms,
-            trailing bytes, ...).
+            trailing bytes, ...), or hold more than ``max_items`` elements.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise NonCanonicalEncoding("expected bytes")
     data = bytes(data)
+    bounds: dict[str, Any] = {}
+    if max_items is not None:
+        budget = _Budget(max_items)
+        bounds = {"max_array_len": max_items, "max_map_len": max_items,
+                  "list_hook": budget.array, "object_pairs_hook": budget.map}
     try:
         value = msgpack.unpackb(
             data,
@@ -79,6 +111,7 @@ def decode(data: bytes) -> Any:
             use_list=True,
             strict_map_key=True,
             ext_hook=_reject_ext,
+            **bounds,
         )
     except NonCanonicalEncoding:
         raise

@@ -43,7 +43,7 @@ from crdt_merge.errors import (
 )
 from crdt_merge.hashing import ManifestId, OpId, StateRoot, check_id
 from crdt_merge.store import manifests
-from crdt_merge.store.local import LocalStore
+from crdt_merge.store.local import LocalStore, StagingLimits
 from crdt_merge.store.manifests import Manifest
 
 KEY_FILE = "site.key"
@@ -51,9 +51,13 @@ KEY_FILE = "site.key"
 
 @dataclass
 class CommitReport:
+    """What taking in ops did: ``committed`` now, ``rejected`` (never valid, not kept),
+    ``waiting`` (staged: a membership op or objects still missing), ``already`` held."""
+
     committed: list[str] = field(default_factory=list)
     rejected: dict[str, CrdtMergeError] = field(default_factory=dict)
     waiting: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
 
 
 class Replica:
@@ -72,6 +76,8 @@ class Replica:
         self._ops: dict[str, Op] = {}
         self._root: StateRoot | None = None
         self._key: Ed25519PrivateKey | None = None
+        #: bounds on staged ops (a server sets them from its settings)
+        self.staging = StagingLimits()
         genesis_op = self.get_op(self.genesis_id)
         if genesis_op is None:
             raise NotAReplica(str(self.path))
@@ -170,10 +176,34 @@ class Replica:
         """All committed ops by id (cached; reloaded when any process committed)."""
         with self._lock:
             if self.store.index.changed():
-                rows = self.store.op_rows()
-                self._ops = {i: self._ops.get(i) or opmod.decode(d) for i, d in rows}
+                ops: dict[str, Op] = {}
+                bad = []
+                for i, d in self.store.op_rows():
+                    op = self._ops.get(i) or self._verified(i, d)
+                    if op is None:
+                        bad.append(i)
+                    else:
+                        ops[i] = op
+                if bad:
+                    self.store.index.quarantine_ops(bad)
+                self._ops = ops
                 self._root = None
             return self._ops
+
+    @staticmethod
+    def _verified(op_id: str, data: bytes) -> Op | None:
+        """The op stored under ``op_id``, or None when its bytes are not that op (a
+        flipped bit on disk): such a row is quarantined and the op fetched again."""
+        try:
+            op = opmod.decode(data)
+        except (NonCanonicalEncoding, SchemaError):
+            return None
+        return op if op.id == op_id else None
+
+    def quarantined_ops(self) -> list[str]:
+        """Ops whose stored bytes failed their id, not yet fetched again from a peer."""
+        self.ops()
+        return self.store.index.quarantined_ops()
 
     def op_ids(self) -> list[str]:
         return sorted(self.ops())
@@ -226,16 +256,68 @@ class Replica:
         if op.project != self.genesis_id:
             raise WrongProject(self.genesis_id, op.project)
         if op.id not in self.ops():
-            self.store.stage_op(op.id, op.data)
+            self.store.stage_op(op.id, op.data, self.staging)
         return op
 
     def staged(self) -> list[Op]:
+        """The staged ops, unverified (after evicting those past :attr:`staging`)."""
+        self.store.evict_staged(self.staging)
         out = []
         for op_id, data in self.store.staged_rows():
-            try:
-                out.append(opmod.decode(data))
-            except (NonCanonicalEncoding, SchemaError):
+            op = self._verified(op_id, data)
+            if op is None:
                 self.store.unstage_op(op_id)
+            else:
+                out.append(op)
+        return out
+
+    def pending(self) -> list[Op]:
+        """Staged ops that verify now (held membership op, signature): they wait only for
+        objects. Only these decide what is fetched: an op nobody can verify decides nothing."""
+        out = []
+        for op in self.staged():
+            try:
+                opmod.verify(op, self.genesis_id, self.get_op)
+            except CrdtMergeError:
+                continue
+            out.append(op)
+        return out
+
+    def receive(self, ops: Iterable[bytes]) -> CommitReport:
+        """Take in ops from elsewhere (a push, a pull, a filesystem peer): every op is
+        decoded and checked for its project first, and one malformed op refuses them all
+        (nothing is staged); then all are staged and every staged op that can be is
+        committed.
+
+        Raises:
+            NonCanonicalEncoding, SchemaError, WrongProject.
+        """
+        decoded = [opmod.decode(data) for data in ops]
+        for op in decoded:
+            if op.project != self.genesis_id:
+                raise WrongProject(self.genesis_id, op.project)
+        held = self.ops()
+        already = sorted({op.id for op in decoded if op.id in held})
+        for op in decoded:
+            if op.id not in held:
+                self.store.stage_op(op.id, op.data, self.staging)
+        report = self.commit_staged()
+        report.already = already
+        return report
+
+    def serve_ops(self, ids: Iterable[str]) -> list[bytes]:
+        """The bytes of committed ops, in the order asked (verified: a corrupt row is never
+        served).
+
+        Raises:
+            OpMissing: one of them is not held.
+        """
+        ops = self.ops()
+        out = []
+        for op_id in ids:
+            if op_id not in ops:
+                raise OpMissing(op_id)
+            out.append(ops[op_id].data)
         return out
 
     def commit_staged(self) -> CommitReport:
@@ -384,7 +466,7 @@ class Replica:
         retracts = opset.retracts_by_target(ops)
         keep: set[str] = set()
         dead: set[str] = set()
-        for op in ops + self.staged():
+        for op in ops + self.pending():
             refs = [m for m in op.objects() if self.store.has(m)]
             objects = set(self.closure(refs))
             if op.kind == "contribute" and op.id in self.ops() and opset.is_retracted(op, retracts):
@@ -407,8 +489,11 @@ class Replica:
                 self.store.get(object_id)
             except (PieceCorrupt, PieceMissing):
                 corrupt.append(object_id)
-        bad_ops = [op_id for op_id, data in self.store.op_rows()
-                   if opmod.decode(data).id != op_id]
+        bad = [op_id for op_id, data in self.store.op_rows()
+               if self._verified(op_id, data) is None]
+        if bad:
+            self.store.index.quarantine_ops(bad)
+        bad_ops = self.quarantined_ops()
         ops = list(self.ops().values())
         retracts = opset.retracts_by_target(ops)
         incomplete = []

@@ -8,8 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from crdt_merge import ENGINE
-from crdt_merge.crdt import ops as opmod
-from crdt_merge.errors import OpMissing, SchemaError, WrongProject
+from crdt_merge.errors import SchemaError
 from crdt_merge.sync import reconcile, wire
 from crdt_merge_server.auth import ADMIN, CONTRIBUTE, READ
 from crdt_merge_server.bodies import read_body, reply
@@ -86,11 +85,7 @@ async def fetch_ops(request: Request) -> Response:
 
     def fetch() -> dict[str, Any]:
         ids = wire.id_list(wire.decode_map(body, {"ids": list})["ids"], "op id")
-        ops = service.replica.ops()
-        for op_id in ids:
-            if op_id not in ops:
-                raise OpMissing(op_id)
-        return {"ops": [ops[i].data for i in ids]}
+        return {"ops": service.replica.serve_ops(ids)}
 
     return reply(request, await run_in_threadpool(fetch))
 
@@ -108,20 +103,12 @@ async def push_ops(request: Request) -> Response:
     body = await read_body(request, service.settings.max_message_bytes)
 
     def apply() -> dict[str, Any]:
-        r = service.replica
         raw = wire.decode_map(body, {"ops": list})["ops"]
         if not all(isinstance(data, bytes) for data in raw):
             raise SchemaError("ops must be byte strings (each op's canonical msgpack)")
-        decoded = [opmod.decode(data) for data in raw]
-        for op in decoded:
-            if op.project != r.genesis_id:
-                raise WrongProject(r.genesis_id, op.project)
-        held = r.ops()
-        already = sorted({op.id for op in decoded if op.id in held})
-        for op in decoded:
-            r.stage(op.data)
-        report = r.commit_staged()
-        return {"committed": report.committed, "already": already, "waiting": report.waiting,
+        report = service.replica.receive(raw)
+        return {"committed": report.committed, "already": report.already,
+                "waiting": report.waiting,
                 "rejected": {k: {"code": v.code, "detail": v.detail}
                              for k, v in report.rejected.items()}}
 

@@ -24,7 +24,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS ops (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, site TEXT NOT NULL,
     clock INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS staged (id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staged (
+    id TEXT PRIMARY KEY, data BLOB NOT NULL, staged_at REAL NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bad_ops (id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS objects (id TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS wanted (id TEXT PRIMARY KEY) WITHOUT ROWID;
 """
@@ -42,6 +44,9 @@ class Index:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(staged)")}
+        if "staged_at" not in columns:  # a replica made before staging had an age
+            self._conn.execute("ALTER TABLE staged ADD COLUMN staged_at REAL NOT NULL DEFAULT 0")
         self._version = -1
 
     def close(self) -> None:
@@ -124,3 +129,77 @@ class Index:
 
     def object_ids(self) -> list[str]:
         return [r[0] for r in self.query("SELECT id FROM objects ORDER BY id")]
+
+    # -- committed ops ------------------------------------------------------------------
+
+    def op_rows(self) -> list[tuple[str, bytes]]:
+        return self.query("SELECT id, data FROM ops ORDER BY id")
+
+    def op_ids(self) -> list[str]:
+        return [r[0] for r in self.query("SELECT id FROM ops ORDER BY id")]
+
+    def op_data(self, op_id: str) -> bytes | None:
+        rows = self.query("SELECT data FROM ops WHERE id = ?", (op_id,))
+        return rows[0][0] if rows else None
+
+    def quarantine_ops(self, ids: Iterable[str]) -> None:
+        """Move op rows whose bytes fail their id aside (``bad_ops``): the op is no longer
+        held, so reconciliation finds it missing and a sync fetches it again."""
+        with self.write() as c:
+            for op_id in ids:
+                c.execute("INSERT OR REPLACE INTO bad_ops SELECT id, data FROM ops WHERE id = ?",
+                          (op_id,))
+                c.execute("DELETE FROM ops WHERE id = ?", (op_id,))
+
+    def quarantined_ops(self) -> list[str]:
+        """Ops quarantined and not yet held again."""
+        return [r[0] for r in self.query(
+            "SELECT id FROM bad_ops WHERE id NOT IN (SELECT id FROM ops) ORDER BY id")]
+
+    # -- staged ops -----------------------------------------------------------------------
+
+    def stage(self, op_id: str, data: bytes, now: float, max_ops: int, max_bytes: int,
+              max_age: float) -> list[str]:
+        """Stage an op (unless it is committed) and evict to the bounds: rows older than
+        ``max_age`` seconds first, then the oldest until at most ``max_ops`` rows of at most
+        ``max_bytes`` bytes remain. Returns the ids evicted (the new one among them when
+        it alone is over the bounds)."""
+        with self.write() as c:
+            if not c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
+                c.execute("INSERT OR IGNORE INTO staged VALUES (?, ?, ?)", (op_id, data, now))
+            return self._evict(c, now, max_ops, max_bytes, max_age)
+
+    def evict_staged(self, now: float, max_ops: int, max_bytes: int,
+                     max_age: float) -> list[str]:
+        with self.write() as c:
+            return self._evict(c, now, max_ops, max_bytes, max_age)
+
+    @staticmethod
+    def _evict(c: sqlite3.Connection, now: float, max_ops: int, max_bytes: int,
+               max_age: float) -> list[str]:
+        rows = c.execute("SELECT id, length(data), staged_at FROM staged "
+                         "ORDER BY staged_at DESC, id DESC").fetchall()
+        keep_count = keep_bytes = 0
+        doomed = []
+        for op_id, size, staged_at in rows:
+            if (staged_at < now - max_age or keep_count + 1 > max_ops
+                    or keep_bytes + size > max_bytes):
+                doomed.append(op_id)
+                continue
+            keep_count += 1
+            keep_bytes += size
+        c.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in doomed])
+        return doomed
+
+    def unstage(self, op_id: str) -> None:
+        with self.write() as c:
+            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+
+    def staged_rows(self) -> list[tuple[str, bytes]]:
+        return self.query("SELECT id, data FROM staged ORDER BY id")
+
+    def staged_count(self) -> int:
+        return int(self.query("SELECT count(*) FROM staged")[0][0])
+
+    def staged_bytes(self) -> int:
+        return int(self.query("SELECT coalesce(sum(length(data)), 0) FROM staged")[0][0])

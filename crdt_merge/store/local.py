@@ -12,9 +12,11 @@ an object or an op whose objects a crash could have lost.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,17 @@ _IO_THREADS = 4
 #: only when they leave cores idle (else its threads contend with them: on 2 cores that
 #: made a re-import 7% slower)
 _SPLIT_HASHES = _IO_THREADS < (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class StagingLimits:
+    """Bounds on ops staged but not committed (not yet verifiable, or waiting for objects).
+    Past them the oldest are evicted: an honest op evicted is fetched again by the next
+    sync (it is neither held nor staged), junk is simply gone (specs/sync.md)."""
+
+    max_ops: int = 10_000
+    max_bytes: int = 16 << 20
+    max_age: float = 24 * 3600.0
 
 
 class LocalStore:
@@ -254,14 +267,13 @@ class LocalStore:
     # -- ops ------------------------------------------------------------------------------
 
     def op_rows(self) -> list[tuple[str, bytes]]:
-        return self.index.query("SELECT id, data FROM ops ORDER BY id")
+        return self.index.op_rows()
 
     def op_ids(self) -> list[str]:
-        return [r[0] for r in self.index.query("SELECT id FROM ops ORDER BY id")]
+        return self.index.op_ids()
 
     def op_data(self, op_id: str) -> bytes | None:
-        rows = self.index.query("SELECT data FROM ops WHERE id = ?", (op_id,))
-        return rows[0][0] if rows else None
+        return self.index.op_data(op_id)
 
     def insert_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes,
                   objects: Iterable[str]) -> bool:
@@ -286,17 +298,24 @@ class LocalStore:
             c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
         return True
 
-    def stage_op(self, op_id: str, data: bytes) -> None:
-        with self.index.write() as c:
-            if not c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
-                c.execute("INSERT OR IGNORE INTO staged VALUES (?, ?)", (op_id, data))
+    def stage_op(self, op_id: str, data: bytes, limits: StagingLimits | None = None,
+                 now: float | None = None) -> list[str]:
+        """Stage an op within ``limits``; returns the ids evicted to stay within them."""
+        limits = limits or StagingLimits()
+        return self.index.stage(op_id, data, time.time() if now is None else now,
+                                limits.max_ops, limits.max_bytes, limits.max_age)
+
+    def evict_staged(self, limits: StagingLimits | None = None,
+                     now: float | None = None) -> list[str]:
+        limits = limits or StagingLimits()
+        return self.index.evict_staged(time.time() if now is None else now,
+                                       limits.max_ops, limits.max_bytes, limits.max_age)
 
     def unstage_op(self, op_id: str) -> None:
-        with self.index.write() as c:
-            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+        self.index.unstage(op_id)
 
     def staged_rows(self) -> list[tuple[str, bytes]]:
-        return self.index.query("SELECT id, data FROM staged ORDER BY id")
+        return self.index.staged_rows()
 
     def iter_objects_on_disk(self) -> Iterator[str]:
         return self.files.all_ids()

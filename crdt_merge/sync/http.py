@@ -140,7 +140,8 @@ class HttpPeer:
         kind = response.headers.get("content-type", "")
         if not kind.startswith(wire.MSGPACK):
             raise PeerError(f"{self.url} answered {kind or 'no content type'}, not msgpack")
-        return codec.decode(response.content)
+        # a hostile server's answer costs this client no more than a request costs a server
+        return codec.decode(response.content, max_items=wire.max_items(response.content, 8))
 
     def _post(self, path: str, value: Any) -> Any:
         return self._msgpack(self._call("POST", path, body=codec.encode(value)))
@@ -175,7 +176,9 @@ class HttpPeer:
 
     def reconcile(self, message: bytes) -> bytes:
         response = self._call("POST", "/v1/ops/reconcile", body=message)
-        self._msgpack(response)  # checks the media type; reconcile decodes strictly itself
+        kind = response.headers.get("content-type", "")
+        if not kind.startswith(wire.MSGPACK):  # reconcile decodes (strictly, bounded) itself
+            raise PeerError(f"{self.url} answered {kind or 'no content type'}, not msgpack")
         return response.content
 
     def get_ops(self, ids: Sequence[str]) -> list[bytes]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from crdt_merge.errors import OpMissing
 from crdt_merge.replica import Replica
 from crdt_merge.sync.protocol import PeerState
 
@@ -28,13 +27,7 @@ class LocalPeer:
         return self.replica.op_ids()
 
     def get_ops(self, ids: Sequence[str]) -> list[bytes]:
-        ops = self.replica.ops()
-        out = []
-        for op_id in ids:
-            if op_id not in ops:
-                raise OpMissing(op_id)
-            out.append(ops[op_id].data)
-        return out
+        return self.replica.serve_ops(ids)
 
     def missing(self, ids: Sequence[str]) -> set[str]:
         return self.replica.store.missing(ids)
@@ -48,6 +41,4 @@ class LocalPeer:
         self.objects_received += 1
 
     def put_ops(self, ops: Sequence[bytes]) -> list[str]:
-        for data in ops:
-            self.replica.stage(data)
-        return self.replica.commit_staged().committed
+        return self.replica.receive(ops).committed

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import PeerError, WrongProject
@@ -108,9 +109,10 @@ def ops_to_fetch(local: Iterable[str], staged: Iterable[str], remote: Iterable[s
 
 def manifests_needed(ops: Iterable[Op], held_ops: Iterable[Op]) -> list[str]:
     """Manifest ids that ``ops`` reference, skipping contributions their own site retracted
-    (by a held or an incoming retract: such an op is accepted without its objects)."""
+    by a *held* retract (such an op is accepted without its objects). Only committed ops
+    decide: a staged retract, which nobody may have verified, skips nothing."""
     ops = list(ops)
-    retracts = opset.retracts_by_target(list(held_ops) + ops)
+    retracts = opset.retracts_by_target(held_ops)
     out: dict[str, None] = {}
     for op in ops:
         if op.kind == "contribute" and opset.is_retracted(op, retracts):
@@ -201,19 +203,21 @@ def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Differenc
     lost = replica.store.index.wanted()
     if lost:  # objects quarantined here: fetch again what the peer has
         _fetch_objects(replica, peer, lost, stats, progress, "repair")
-    staged_before = replica.staged()
-    if state.state_root == replica.state_root() and not staged_before:
+    if state.state_root == replica.state_root() and not replica.pending():
         return stats
-    want = ops_to_fetch(replica.ops(), (op.id for op in staged_before), difference.get()[0])
-    incoming = []
-    for data in peer.get_ops(want):
-        incoming.append(replica.stage(data))
-        stats.ops_received += 1
-    got = {op.id for op in incoming}
-    if got != set(want):
-        raise PeerError(f"peer sent {len(got)} of the {len(want)} ops asked for")
-    pending = staged_before + incoming
-    manifest_ids = manifests_needed(pending, replica.ops().values())
+    staged = [op_id for op_id, _ in replica.store.staged_rows()]
+    want = ops_to_fetch(replica.ops(), staged, difference.get()[0])
+    if want:
+        received = peer.get_ops(want)
+        got = {opmod.decode(data).id for data in received}
+        if got != set(want):
+            raise PeerError(f"peer sent {len(got)} of the {len(want)} ops asked for")
+        # committed first, so that what decides the fetches below is verified: the
+        # membership ops, retracts and complete ops among them join the set now
+        replica.receive(received)
+        stats.ops_received += len(received)
+    # only ops that verify decide which objects to fetch (a relay's junk decides nothing)
+    manifest_ids = manifests_needed(replica.pending(), replica.ops().values())
     _fetch_objects(replica, peer, manifest_ids, stats, progress, "manifests")
     held_manifests = [m for m in manifest_ids if replica.store.has(m)]
     _fetch_objects(replica, peer, replica.closure(held_manifests), stats, progress, "pieces")

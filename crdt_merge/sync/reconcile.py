@@ -149,7 +149,10 @@ def decode(data: bytes, *, responder: bool) -> list[tuple[bytes, Bound, int, Any
     Raises:
         NonCanonicalEncoding, SchemaError.
     """
-    value = codec.decode(data)
+    # at most 9 elements per range (a diff: 10 bytes at the least) and one per id (34
+    # bytes): the memory decoding takes stays a small multiple of the message's size
+    ranges = min(MAX_RANGES, len(data) // 10 + 1)
+    value = codec.decode(data, max_items=9 * ranges + len(data) // (ID_BYTES + 2) + 64)
     if not isinstance(value, dict) or set(value) != {"v", "ranges"} or value["v"] != VERSION:
         raise _bad(f"expected {{v: {VERSION}, ranges}}")
     ranges = value["ranges"]

@@ -32,6 +32,17 @@ JSON = "application/json"
 OCTETS = "application/octet-stream"
 #: ids per request in batched calls (fetching ops, asking which objects are missing)
 BATCH = 4096
+#: the fewest encoded bytes an element of a request body's list may take (an id is 66, an
+#: op over 100): a body may hold at most ``len(body) // MIN_ITEM_BYTES + ITEM_SLACK``
+#: array and map elements, which keeps the memory decoding costs within a small multiple
+#: of the body's size (specs/http.md section 2)
+MIN_ITEM_BYTES = 32
+ITEM_SLACK = 64
+
+
+def max_items(data: bytes, min_item_bytes: int = MIN_ITEM_BYTES) -> int:
+    """The element budget of a message of ``len(data)`` bytes (see :data:`MIN_ITEM_BYTES`)."""
+    return len(data) // min_item_bytes + ITEM_SLACK
 
 
 class TransportError(SyncError):
@@ -141,7 +152,7 @@ def decode_map(data: bytes, fields: Mapping[str, type]) -> dict[str, Any]:
         NonCanonicalEncoding: not canonical msgpack.
         SchemaError: another shape.
     """
-    value = codec.decode(data)
+    value = codec.decode(data, max_items=max_items(data))
     if not isinstance(value, dict) or set(value) != set(fields):
         raise SchemaError(f"the body must be a map with fields {sorted(fields)}")
     for name, kind in fields.items():
