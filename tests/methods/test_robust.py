@@ -80,7 +80,10 @@ def test_median_and_trimmed_mean_are_exact_and_order_free(seed, count, dtype, ti
     ):
         out = run(method, base, donors, params, options)
         ref = _reference(method, base, donors, weights, trim)
-        assert _within_one_rounding(round_to(out, dtype), ref), method
+        if dtype == torch.float64:  # float64 inputs: the deltas themselves round
+            assert torch.allclose(out, ref, rtol=0, atol=4e-16), method  # |b| <= 1
+        else:  # narrower inputs: the float64 work is exact enough for one rounding
+            assert _within_one_rounding(round_to(out, dtype), ref), method
         # donor order never changes a byte
         shuffled = run(method, base, [donors[i] for i in perm], [params[i] for i in perm], options)
         assert same_bits(out, shuffled), method
