@@ -35,6 +35,7 @@ KEPT_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "preprocessor_config.json",
+    "adapter_config.json",
 )
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -362,6 +363,45 @@ def _import_bin(store: LocalStore, path: Path, shards: list[Path], piece_size: i
         return None
 
     return _finish(store, path, piece_size, tensors, info_meta, new, len(ids), first_bad)
+
+
+def import_adapter(store: LocalStore, source: str, piece_size: int,
+                   base: Manifest | None) -> Imported:
+    """Import a PEFT LoRA folder as an adapter manifest (:mod:`crdt_merge.store.adapter`):
+    its factors as tensors, ``adapter_config.json`` as a file, its table in ``meta``.
+    Everything is checked (the config, the tensors, and against ``base`` when given)
+    before a byte is stored.
+
+    Raises:
+        ModelImportError: not a PEFT folder, a refused PEFT feature (named), or a base whose
+            tensors do not match the adapter's target shapes.
+    """
+    from crdt_merge.store import adapter as ad
+
+    path = resolve_source(source)
+    if not ad.is_peft_folder(path):
+        raise ModelImportError(f"{path}: not a PEFT adapter folder (no {ad.CONFIG_NAME})")
+    config = ad.read_config(path, (path / ad.CONFIG_NAME).read_bytes())
+    weights = next((path / n for n in ad.WEIGHT_NAMES if (path / n).is_file()), None)
+    if weights is None:
+        raise ModelImportError(f"{path}: no {' or '.join(ad.WEIGHT_NAMES)}")
+    others = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
+    if others != [weights.name]:
+        raise ModelImportError(f"{path}: expected one adapter weight file, found {others}")
+    if weights.suffix == ".safetensors":
+        shapes = {n: (i.dtype, tuple(i.shape)) for n, i in read_header(weights)[0].items()}
+    else:
+        from crdt_merge.store.torch_bin import dtype_name, load_bin
+        shapes = {n: (dtype_name(t), tuple(int(d) for d in t.shape))
+                  for n, t in load_bin(weights).items()}
+    meta = ad.build_table(path, config, shapes)
+    probe = Manifest(piece_size, {n: TensorRecord(d, s, ()) for n, (d, s) in shapes.items()},
+                     {}, meta)
+    try:
+        ad.adapter_table(probe, base)
+    except ModelImportError as exc:
+        raise ModelImportError(f"{path}: {exc.detail}") from None
+    return import_model(store, str(path), piece_size, meta)
 
 
 def read_file(store: LocalStore, record: FileRecord) -> bytes:
