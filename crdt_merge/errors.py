@@ -50,6 +50,19 @@ class CrdtMergeError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle by message and attributes, not by constructor arguments: subclasses take
+        other arguments than the message (``IncompleteOp(op_id, missing)``), and an error
+        raised in a worker process must reach the parent intact."""
+        return _rebuild, (type(self), self.detail, dict(self.__dict__))
+
+
+def _rebuild(cls: type[CrdtMergeError], detail: str, state: dict[str, object]) -> CrdtMergeError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, detail)
+    err.__dict__.update(state)
+    return err
+
 
 # -- formats ----------------------------------------------------------------------------------
 
@@ -192,12 +205,12 @@ class OpMissing(OpError, LookupError):
 class IncompleteOp(OpError):
     code = "incomplete_op"
 
-    def __init__(self, op_id: str, missing: list[str]) -> None:
+    def __init__(self, op_id: str, missing: list[str], detail: str | None = None) -> None:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-        super().__init__(
+        super().__init__(detail or (
             f"op {op_id} references {len(missing)} object(s) this replica lacks ({shown}); "
             "send the objects before the op"
-        )
+        ))
         self.op_id = op_id
         self.missing = missing
 

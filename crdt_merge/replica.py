@@ -425,7 +425,30 @@ class Replica:
                                   "supersedes": sorted(set(supersedes))}
         if anchor is not None:
             fields["anchor"] = check_id(anchor, "anchor manifest id")
+            self._check_anchor(fields["anchor"])
         return self._author("recipe", fields)
+
+    def _check_anchor(self, anchor: str) -> None:
+        """Refuse, before authoring, an anchor whose manifest or pieces are not all held
+        (the recipe op could not join the state), saying which and why."""
+        if not self.store.has(anchor):
+            raise IncompleteOp("(not authored)", [anchor], detail=(
+                f"anchor manifest {anchor} is not in this replica; give the anchor as a model "
+                "path or repo id (it is imported), or sync with a replica that holds it"))
+        missing = self.store.missing(self.closure([anchor]))
+        if not missing:
+            return
+        ops = self.ops().values()
+        retracts = opset.retracts_by_target(ops)
+        retracted = sorted(op.id for op in ops if op.kind == "contribute"
+                           and op.body["manifest"] == anchor and opset.is_retracted(op, retracts))
+        why = (f"it is the model of contribution {retracted[0]}, which its site retracted, so "
+               "syncs do not fetch its pieces" if retracted else
+               "this replica holds the manifest but not all its pieces")
+        raise IncompleteOp("(not authored)", sorted(missing), detail=(
+            f"anchor manifest {anchor} lacks {len(missing)} of its pieces here: {why}. Import "
+            "the model again (`--anchor PATH`), sync with a replica that holds every piece, "
+            "or choose another anchor"))
 
     # -- reading the state ------------------------------------------------------------------
 

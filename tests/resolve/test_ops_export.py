@@ -7,6 +7,7 @@ from pathlib import Path
 
 import blake3
 import msgpack
+import pytest
 
 from crdt_merge.cli.main import main
 from tests.resolve.test_resolve import anchor, contribute, sync_all
@@ -37,3 +38,26 @@ def test_two_replicas_in_one_state_export_the_same_checkable_bytes(replicas, mod
                          + b"".join(bytes.fromhex(i) for i in ids)).hexdigest()
     assert {root} == roots == {export["state_root"]}
     assert op.id in ids  # a retracted contribution is still an op of the state
+
+
+def test_an_anchor_retracted_before_its_pieces_arrived_is_refused_by_name(replicas, models) -> None:
+    """Seed 50100 of the simulation: a recipe anchored on the model of a retracted
+    contribution whose pieces were never fetched (allowed by causal completeness)."""
+    from crdt_merge.errors import IncompleteOp
+
+    a, b, _ = replicas
+    op = contribute(a, models["ft0"])
+    retract = a.retract([op.id])
+    b.apply(a.get_op(retract.id).data)
+    b.apply(a.get_op(op.id).data)  # joins without its objects: its site retracted it
+    manifest = op.body["manifest"]
+    b.store.put(a.store.get(manifest))  # the manifest arrived, its pieces never did
+    before = b.state_root()
+    with pytest.raises(IncompleteOp) as info:
+        b.set_recipe("task_arithmetic", {}, anchor=manifest)
+    detail = info.value.detail
+    assert manifest in detail and op.id in detail and "retracted" in detail
+    assert "--anchor PATH" in detail and "sync" in detail
+    assert b.state_root() == before  # nothing authored
+    # an anchor whose pieces are all held is accepted
+    assert b.set_recipe("task_arithmetic", {}, anchor=anchor(b, models["base"])).kind == "recipe"

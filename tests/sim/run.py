@@ -14,6 +14,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -28,14 +29,25 @@ def scratch() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(dir=base, prefix="crdt-merge-sim-")
 
 
+def replay(seed: int, steps: int | None) -> str:
+    return (f"python -m tests.sim.run --seed {seed}" + (f" --steps {steps}" if steps else "")
+            + " -v")
+
+
 def one(seed: int, steps: int | None = None, verbose: bool = False) -> tuple[int, str | None, str]:
-    """Run ``seed``; return (seed, failure text or None, how it ended)."""
+    """Run ``seed``; return (seed, failure text or None, how it ended). Any exception, not
+    only a broken invariant, is a failed seed with its replay command: it never escapes
+    to the process pool (where an error that does not pickle would break the whole run)."""
     with scratch() as tmp:
         try:
             outcome = run_seed(seed, Path(tmp), steps=steps,
                                echo=print if verbose else None)
         except SimulationFailed as exc:
             return seed, str(exc), "FAILED"
+        except Exception as exc:  # noqa: BLE001 - every error is a result here
+            trace = "".join(traceback.format_exception(exc))
+            return seed, (f"seed {seed}: unexpected {type(exc).__name__}: {exc}\n"
+                          f"replay: {replay(seed, steps)}\n{trace}"), "ERROR"
     return seed, None, f"{outcome.ops} ops, {outcome.resolved[:40]}"
 
 
@@ -55,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[int] = []
     if args.jobs > 1 and len(seeds) > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
-            results = pool.map(one, seeds, [args.steps] * len(seeds), chunksize=8)
-            for seed, failure, _summary in results:
+            futures = {seed: pool.submit(one, seed, args.steps) for seed in seeds}
+            for seed, future in futures.items():
+                try:
+                    _, failure, _summary = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker died (killed, out of memory)
+                    failure = (f"seed {seed}: the worker process failed: "
+                               f"{type(exc).__name__}: {exc}\nreplay: {replay(seed, args.steps)}")
                 if failure is not None:
                     failed.append(seed)
                     print(failure, flush=True)

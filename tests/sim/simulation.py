@@ -45,6 +45,9 @@ class SimulationFailed(AssertionError):
                          " -v\n" + "\n".join(log))
         self.seed, self.reason, self.log = seed, reason, log
 
+    def __reduce__(self) -> tuple[object, ...]:  # it crosses the runner's process pool
+        return SimulationFailed, (self.seed, self.reason, self.log)
+
 
 @dataclass
 class Outcome:
@@ -187,8 +190,11 @@ class Simulation:
             return
 
         def make(r: Replica) -> str:
+            # a retracted contribution joins without its objects: its manifest may be held
+            # without its pieces, and such an anchor is refused (IncompleteOp)
             held = sorted({op.body["manifest"] for op in r.ops().values()
-                           if op.kind == "contribute" and r.store.has(op.body["manifest"])})
+                           if op.kind == "contribute" and r.store.has(op.body["manifest"])
+                           and not r.store.missing(r.closure([op.body["manifest"]]))})
             if held and self.rng.random() < 0.5:
                 anchor = self.rng.choice(held)
             else:
