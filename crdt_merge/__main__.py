@@ -1,7 +1,5 @@
 """``python -m crdt_merge`` runs the CLI."""
 
-import sys
+from crdt_merge.cli.main import run
 
-from crdt_merge.cli.main import main
-
-sys.exit(main())
+run()

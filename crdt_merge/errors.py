@@ -6,7 +6,8 @@ The tree::
     ├── FormatError (ValueError)
     │   ├── NonCanonicalEncoding        bytes that do not re-encode to themselves
     │   ├── SchemaError                 well-formed msgpack of the wrong shape
-    │   └── BadId                       not 64 lowercase hex characters
+    │   ├── BadId                       not 64 lowercase hex characters
+    │   └── AmbiguousId (LookupError)   an id prefix that several held ids start with
     ├── IntegrityError (ValueError)
     │   ├── HashMismatch                bytes whose BLAKE3 is not the id they came with
     │   └── BadSignature                an op whose Ed25519 signature does not verify
@@ -88,6 +89,17 @@ class BadId(FormatError):
             shown = shown[:77] + "..."
         super().__init__(f"{what} {shown} is not 64 lowercase hex characters")
         self.value = value
+
+
+class AmbiguousId(FormatError, LookupError):
+    code = "ambiguous_id"
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        shown = ", ".join(m[:16] for m in matches[:4]) + (" ..." if len(matches) > 4 else "")
+        super().__init__(f"id prefix {prefix!r} matches {len(matches)} ops ({shown}); "
+                         "give more characters")
+        self.prefix = prefix
+        self.matches = matches
 
 
 # -- integrity --------------------------------------------------------------------------------

@@ -380,13 +380,14 @@ class Replica:
 
     # -- authoring ------------------------------------------------------------------------
 
-    def _author(self, kind: str, fields: Mapping[str, Any]) -> Op:
+    def _author(self, kind: str, fields: Mapping[str, Any], draft: bool = False) -> Op:
         member = self.membership()
         body = {"v": opmod.VERSION, "kind": kind, "site": self.site,
                 "clock": opset.next_clock(self.ops().values()),
                 "project": self.genesis_id, "member": member.id, **fields}
         op = opmod.sign(body, self.key)
-        self.apply(op.data)
+        if not draft:
+            self.apply(op.data)
         return op
 
     def admit(self, site: str, public_key: bytes, role: str = "member") -> Op:
@@ -395,15 +396,17 @@ class Replica:
 
     def contribute(self, manifest_id: str, *, form: str = "full", base: str | None = None,
                    params: Mapping[str, Any] | None = None, label: str = "",
-                   family: str = "") -> Op:
+                   family: str = "", draft: bool = False) -> Op:
+        """Author a contribution; with ``draft``, only return the signed op (not applied),
+        so it can be planned before it is written."""
         fields: dict[str, Any] = {"manifest": check_id(manifest_id, "manifest id"),
                                   "form": form, "params": dict(params or {}),
                                   "label": label, "family": family}
         if base is not None:
             fields["base"] = check_id(base, "base manifest id")
-        return self._author("contribute", fields)
+        return self._author("contribute", fields, draft)
 
-    def retract(self, op_ids: Iterable[str]) -> Op:
+    def retract(self, op_ids: Iterable[str], draft: bool = False) -> Op:
         targets = sorted({check_id(i, "op id") for i in op_ids})
         for target in targets:
             held = self.get_op(target)
@@ -411,12 +414,13 @@ class Replica:
                 raise OpMissing(target)
             if held.kind != "contribute":
                 raise SchemaError(f"op {target} is a {held.kind}, not a contribution")
-        return self._author("retract", {"targets": targets})
+        return self._author("retract", {"targets": targets}, draft)
 
     def set_recipe(self, method: str, params: Mapping[str, Any] | None = None, *,
-                   anchor: str | None = None, supersedes: Iterable[str] | None = None) -> Op:
+                   anchor: str | None = None, supersedes: Iterable[str] | None = None,
+                   draft: bool = False) -> Op:
         """Author a recipe. By default it supersedes every recipe now unsuperseded, which
-        resolves a conflict."""
+        resolves a conflict. With ``draft``, only return the signed op (not applied)."""
         if supersedes is None:
             state = opset.recipe_state(self.ops().values())
             heads = ([state.winner] if state.winner else []) + list(state.conflicts)
@@ -426,7 +430,7 @@ class Replica:
         if anchor is not None:
             fields["anchor"] = check_id(anchor, "anchor manifest id")
             self._check_anchor(fields["anchor"])
-        return self._author("recipe", fields)
+        return self._author("recipe", fields, draft)
 
     def _check_anchor(self, anchor: str) -> None:
         """Refuse, before authoring, an anchor whose manifest or pieces are not all held

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -10,62 +9,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from crdt_merge import codec
+from crdt_merge.cli import progress
+from crdt_merge.cli.render import plan_text, short_ids, status_text, warn
+from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import (
+    AmbiguousId,
+    BadId,
     BadParameter,
     CrdtMergeError,
     ModelImportError,
+    NotAuthorized,
     OpMissing,
     PlanError,
+    RecipeError,
 )
 from crdt_merge.hashing import is_id
+from crdt_merge.recipe import (  # noqa: F401  (parse_value: part of this module's API)
+    check_recipe,
+    contribution_problem,
+    parse_params,
+    parse_value,
+    split_params,
+    unused_note,
+    values_no_method_accepts,
+)
 from crdt_merge.replica import Replica
 from crdt_merge.store.importer import Imported, import_model
 from crdt_merge.sync import LocalPeer, SyncStats, sync
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def parse_value(text: str) -> Any:
-    """A ``--param`` value: true/false, a number (made a canonical decimal), a JSON list or
-    map (numbers inside made canonical decimals), or a plain string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if codec.looks_numeric(text.strip()):
-        return codec.canonical_decimal(text.strip())
-    if text.strip().startswith(("[", "{")):
-        try:
-            return _canon_numbers(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise BadParameter(f"{text!r} is not valid JSON: {exc}") from None
-    return text
-
-
-def _canon_numbers(value: Any) -> Any:
-    if isinstance(value, bool) or value is None:
-        if value is None:
-            raise BadParameter("null is not a parameter value")
-        return value
-    if isinstance(value, (int, float)):
-        return codec.canonical_decimal(value)
-    if isinstance(value, str):
-        return codec.canonical_decimal(value) if codec.looks_numeric(value) else value
-    if isinstance(value, list):
-        return [_canon_numbers(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _canon_numbers(v) for k, v in value.items()}
-    raise BadParameter(f"{value!r} is not a parameter value")
-
-
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise BadParameter(f"--param {pair!r}: write KEY=VALUE")
-        out[key.strip()] = parse_value(value)
-    return out
 
 
 def is_url(peer: str) -> bool:
@@ -94,14 +66,60 @@ def closing_peer(peer: Any) -> Iterator[Any]:
             close()
 
 
-def _progress(stage: str, done: int, total: int) -> None:
-    if sys.stderr.isatty():
-        end = "\n" if done == total else ""
-        print(f"\r{stage}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-
 def _import(replica: Replica, model: str) -> Imported:
-    return import_model(replica.store, model, replica.piece_size)
+    with progress.meter(f"import {Path(model).name or model}", progress.files_size(model)):
+        return import_model(replica.store, model, replica.piece_size)
+
+
+def expand_op_id(r: Replica, text: str) -> str:
+    """A full op id from a unique prefix of one (git-style, at least 4 hex characters).
+
+    Raises:
+        BadId: not hex, or shorter than 4 characters.
+        OpMissing: no op held starts with it.
+        AmbiguousId: several do.
+    """
+    if is_id(text):
+        return text
+    low = text.strip()
+    if len(low) < 4 or len(low) > 64 or any(ch not in "0123456789abcdef" for ch in low):
+        raise BadId(text, "op id (or a unique prefix of 4+ hex characters)")
+    matches = sorted(i for i in r.op_ids() if i.startswith(low))
+    if not matches:
+        raise OpMissing(text)
+    if len(matches) > 1:
+        raise AmbiguousId(low, matches)
+    return matches[0]
+
+
+def _current_method(r: Replica) -> tuple[Any, dict[str, Any]] | None:
+    """The winning recipe's method and its method parameters, or None."""
+    from crdt_merge.methods import get_method
+
+    rec = r.status()["recipe"]
+    if rec is None:
+        return None
+    try:
+        method = get_method(rec["method"])
+        method_params, _, _ = check_recipe(method, rec["params"])
+    except RecipeError:
+        return None
+    return method, method_params
+
+
+def _planned(r: Replica, extra: list[Op]) -> tuple[Any, str | None]:
+    """The plan with ``extra`` ops as if written: (plan or None, why it fails or None)."""
+    from crdt_merge.resolve import plan
+
+    try:
+        return plan(r, extra), None
+    except CrdtMergeError as exc:
+        return None, f"{exc.code}: {exc.detail}"
+
+
+def _excluded(the_plan: Any, op_ids: set[str] | None = None) -> list[dict[str, Any]]:
+    return [dict(d) for d in the_plan.decisions if d.get("decision") == "excluded"
+            and (op_ids is None or d.get("op_id") in op_ids)]
 
 
 def _family(imported: Imported) -> str:
@@ -113,6 +131,14 @@ def _stats(stats: SyncStats) -> dict[str, Any]:
     return dict(stats.__dict__)
 
 
+def _sync(r: Replica, peer: Any) -> SyncStats:
+    bars = progress.SyncBars()
+    try:
+        return sync(r, peer, bars)
+    finally:
+        bars.close()
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -121,7 +147,7 @@ def cmd_init(args: Any) -> tuple[int, Any]:
         with closing_peer(open_peer(args.join, args.token)) as peer:
             genesis = peer.get_ops([peer.state().genesis])[0]
             replica = Replica.join(args.dir, args.site, genesis)
-            stats = sync(replica, peer, _progress)
+            stats = _sync(replica, peer)
         payload = {"dir": args.dir, "site": args.site, "project": replica.genesis_id,
                    "public_key": replica.public_key.hex(), "state_root": replica.state_root(),
                    "sync": _stats(stats),
@@ -147,26 +173,64 @@ def cmd_admit(args: Any) -> tuple[int, Any]:
                    "text": f"admitted {args.site} ({args.role}): op {op.id}"}
 
 
+FORCE_HINT = "(--force records it anyway)"
+
+
 def cmd_contribute(args: Any) -> tuple[int, Any]:
     params = parse_params(args.param)
     if args.weight is not None:
         params["weight"] = parse_value(args.weight)
     if args.delta and not args.base:
         raise BadParameter("--delta needs --base: a delta is relative to a base model")
+    notes: list[str] = []
     with Replica.open(args.dir) as r:
         r.membership()  # fail before importing gigabytes when this site cannot author ops
+        current = _current_method(r)
+        # the cheap checks first, before any model is read
+        if current is None:
+            problems = values_no_method_accepts(params)
+            if problems and not args.force:
+                raise BadParameter("; ".join(problems) + " " + FORCE_HINT)
+        else:
+            method, method_params = current
+            _, unused = split_params(method, params)
+            if unused:
+                notes.append(unused_note(method, unused))
+            problem = contribution_problem(method, method_params, params)
+            if problem and not args.force:
+                raise BadParameter(f"the recipe ({method.name}) would exclude this contribution: "
+                                   f"{problem}; fix the value with --weight/--param "
+                                   f"{FORCE_HINT}")
         base = _import(r, args.base) if args.base else None
         donor = _import(r, args.model)
         if base is not None and not args.delta:
             _check_same_shapes(donor, base)
-        op = r.contribute(donor.manifest_id, form="delta" if args.delta else "full",
-                          base=base.manifest_id if base else None, params=params,
-                          label=(args.label or Path(args.model).name or args.model)[:200], family=_family(donor)[:200])
+        fields = dict(form="delta" if args.delta else "full",
+                      base=base.manifest_id if base else None, params=params,
+                      label=(args.label or Path(args.model).name or args.model)[:200],
+                      family=_family(donor)[:200])
+        if current is not None and not args.force:  # the plan's own check, as if written
+            candidate = r.contribute(donor.manifest_id, **fields, draft=True)
+            planned_before, before = _planned(r, [])
+            after, why = _planned(r, [candidate])
+            was = {d["op_id"] for d in _excluded(planned_before)} if planned_before else set()
+            out = [d for d in (_excluded(after) if after is not None else [])
+                   if d["op_id"] not in was]
+            if out:
+                whose = ("this contribution" if out[0]["op_id"] == candidate.id else
+                         f"contribution {out[0]['op_id'][:12]} once this one is added")
+                raise PlanError(f"the plan would exclude {whose}: {out[0]['detail']} "
+                                f"{FORCE_HINT}")
+            if why is not None and before is None:  # it planned without this one
+                raise PlanError(f"with this contribution the plan fails: {why} {FORCE_HINT}")
+        op = r.contribute(donor.manifest_id, **fields)
+        for note in notes:
+            warn(note)
         return 0, {"op_id": op.id, "manifest": donor.manifest_id,
                    "base": base.manifest_id if base else None,
                    "new_pieces": donor.new_pieces + (base.new_pieces if base else 0),
-                   "pieces": donor.total_pieces,
-                   "text": f"contributed {args.model}: op {op.id}"}
+                   "pieces": donor.total_pieces, "notes": notes,
+                   "text": f"contributed {args.model}: op {op.id[:12]}"}
 
 
 def _check_same_shapes(donor: Imported, base: Imported) -> None:
@@ -179,13 +243,23 @@ def _check_same_shapes(donor: Imported, base: Imported) -> None:
 
 def cmd_retract(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
-        op = r.retract(args.op_ids)
+        targets = [expand_op_id(r, t) for t in args.op_ids]
+        for target in targets:  # every replica would ignore it: refuse instead of pretending
+            held = r.get_op(target)
+            if held is not None and held.kind == "contribute" and held.site != r.site:
+                raise NotAuthorized(f"op {target[:12]} is a contribution of site {held.site}; "
+                                    f"site {r.site} can retract only its own (every replica "
+                                    "would ignore this retract)")
+        op = r.retract(targets)
         return 0, {"op_id": op.id, "targets": op.body["targets"],
-                   "text": f"retracted {len(op.body['targets'])} contribution(s): op {op.id}"}
+                   "text": f"retracted {len(op.body['targets'])} contribution(s): op {op.id[:12]}"}
 
 
 def _anchor(r: Replica, anchor: str) -> str:
-    if is_id(anchor):
+    if is_id(anchor) or (len(anchor) < 64 and not Path(anchor).exists()
+                         and all(ch in "0123456789abcdef" for ch in anchor) and len(anchor) >= 4):
+        if not is_id(anchor):
+            anchor = expand_op_id(r, anchor)
         held = r.get_op(anchor)
         if held is not None and held.kind == "contribute":
             return held.body["manifest"]
@@ -195,48 +269,108 @@ def _anchor(r: Replica, anchor: str) -> str:
     return _import(r, anchor).manifest_id
 
 
+def check_drafts(r: Replica, drafts: list[Op], force: bool) -> None:
+    """Refuse ops that the plan would answer with an exclusion or a failure (unless
+    ``force``): the plan's own check, run as if the ops were written."""
+    if force:
+        return
+    contributions = [op for op in [*r.ops().values(), *drafts] if op.kind == "contribute"]
+    if not contributions:
+        return  # a recipe before any contribution: nothing to check it against yet
+    after, why = _planned(r, drafts)
+    if after is None:
+        raise PlanError(f"the plan would fail: {why} {FORCE_HINT}")
+    out = _excluded(after)
+    if out:
+        labels = {op.id: f"{op.site} {op.body['label']!r}" for op in contributions}
+        lines = "".join(f"\n  excluded {d['op_id'][:12]} {labels.get(d['op_id'], '')}: "
+                        f"{d['detail']}" for d in out)
+        raise PlanError(f"the plan would exclude {len(out)} contribution(s); fix them or "
+                        f"retract them {FORCE_HINT}:{lines}")
+
+
 def cmd_recipe(args: Any) -> tuple[int, Any]:
     if args.from_mergekit:
         from crdt_merge.cli.mergekit_yaml import apply_mergekit_yaml
         with Replica.open(args.dir) as r:
-            return 0, apply_mergekit_yaml(r, args.from_mergekit, _import)
+            payload = apply_mergekit_yaml(
+                r, args.from_mergekit, _import,
+                check=lambda rep, drafts: check_drafts(rep, drafts, args.force))
+            for note in payload["notes"]:
+                warn(note)
+            return 0, payload
     if not args.method:
         raise BadParameter("give --method NAME (or --from-mergekit YAML)")
     from crdt_merge.methods import get_method
-    from crdt_merge.resolve.plan import check_recipe
     params = parse_params(args.param)
     method = get_method(args.method)
     check_recipe(method, params)
     with Replica.open(args.dir) as r:
         r.membership()
         anchor = _anchor(r, args.anchor) if args.anchor else None
+        draft = r.set_recipe(method.name, params, anchor=anchor, draft=True)
+        check_drafts(r, [draft], args.force)
         op = r.set_recipe(method.name, params, anchor=anchor)
         return 0, {"op_id": op.id, "method": method.name, "params": params, "anchor": anchor,
                    "supersedes": op.body["supersedes"],
-                   "text": f"recipe {method.name}: op {op.id}"}
+                   "text": f"recipe {method.name}: op {op.id[:12]}"}
+
+
+def fates(r: Replica, status: dict[str, Any]) -> tuple[dict[str, str], str | None, Any]:
+    """Each contribution's fate in the current plan (``counted``, ``excluded: why``,
+    ``retracted``...), why there is no plan (or None), and the plan."""
+    the_plan, why = _planned(r, [])
+    out: dict[str, str] = {}
+    ignored = {d["target"] for d in status.get("ignored_retracts", [])}
+    counted = {c.op_id for c in the_plan.contributions} if the_plan is not None else set()
+    decided = {}
+    notes: dict[str, list[str]] = {}
+    if the_plan is not None:
+        for d in the_plan.decisions:
+            if d.get("decision") == "excluded":
+                decided[d["op_id"]] = f"excluded: {d['detail']}"
+            elif d.get("decision") == "params_ignored":
+                notes.setdefault(d["op_id"], []).append(d["detail"])
+    for c in status["contributions"]:
+        i = c["op_id"]
+        if not c["live"]:
+            fate = "retracted"
+        elif i in counted:
+            fate = "counted"
+        elif i in decided:
+            fate = decided[i]
+        else:
+            fate = "live (no plan yet)" if the_plan is None else "not used"
+        if i in ignored and c["live"]:
+            fate += "; a retract of it by another site is ignored"
+        if i in notes:
+            fate += "; " + "; ".join(notes[i])
+        out[i] = fate
+    return out, why, the_plan
 
 
 def cmd_status(args: Any) -> tuple[int, Any]:
+    from crdt_merge.resolve import checkpoint_key
+
     with Replica.open(args.dir) as r:
         s = r.status()
-        lines = [f"project {s['project']}  site {s['site']}",
-                 f"state root {s['state_root']}  ({s['ops']} ops, {s['staged']} staged)"]
+        fate, why, the_plan = fates(r, s)
         for c in s["contributions"]:
-            lines.append(f"  {'live     ' if c['live'] else 'retracted'} {c['op_id'][:16]} "
-                         f"{c['site']}: {c['label']}")
-        rec = s["recipe"]
-        lines.append(f"recipe: {rec['method']} {json.dumps(rec['params'])}" if rec else "recipe: none")
-        for c in s["conflicts"]:
-            lines.append(f"  CONFLICT: recipe {c['op_id'][:16]} ({c['method']}, {c['site']}) "
-                         "is also unsuperseded; set a new recipe to resolve it")
-        s["text"] = "\n".join(lines)
+            c["fate"] = fate[c["op_id"]]
+        s["plan_error"] = why
+        s["plan_id"] = the_plan.id if the_plan is not None else None
+        cached = (r.store.index.get_meta(checkpoint_key(the_plan.id, the_plan.method))
+                  if the_plan is not None else None)
+        s["checkpoint_id"] = cached.decode() if cached else None
+        s["members"] = s.get("members", s["sites"])
+        s["text"] = status_text(s, short_ids(r.op_ids()))
         return 0, s
 
 
 def cmd_sync(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
         with closing_peer(open_peer(args.peer, args.token)) as peer:
-            stats = sync(r, peer, _progress)
+            stats = _sync(r, peer)
         payload = _stats(stats)
         payload["state_root"] = r.state_root()
         payload["text"] = (f"received {stats.ops_received} ops, {stats.objects_received} objects; "
@@ -248,24 +382,70 @@ def cmd_sync(args: Any) -> tuple[int, Any]:
 def cmd_plan(args: Any) -> tuple[int, Any]:
     from crdt_merge.resolve import plan
     with Replica.open(args.dir) as r:
-        p = plan(r)
-        d = p.describe()
-        d["text"] = json.dumps(d, indent=2, sort_keys=True)
+        d = plan(r).describe()
+        if not args.json:
+            d["text"] = plan_text(d, short_ids(r.op_ids()))
         return 0, d
 
 
+def report_exclusions(r: Replica, the_plan: Any) -> list[dict[str, Any]]:
+    """Print every excluded contribution on stderr (plain text: op id prefix, site, label,
+    reason); return them."""
+    out = _excluded(the_plan)
+    held = r.ops()
+    for d in out:
+        op = held.get(d["op_id"])
+        who = f" {op.site} {op.body.get('label', '')!r}" if op is not None else ""
+        warn(f"excluded {d['op_id'][:12]}{who}: {d['detail']}")
+    return out
+
+
 def cmd_resolve(args: Any) -> tuple[int, Any]:
-    from crdt_merge.resolve import checkpoint_key, resolve, resolve_recorded
+    from crdt_merge.resolve import checkpoint_key, execute, plan, resolve_recorded
+    max_shard = _size_arg(args.max_shard_size, "--max-shard-size")
     with Replica.open(args.dir) as r:
         if args.plan:
-            result = resolve_recorded(r, args.plan, args.out, workers=args.workers)
+            with progress.meter("resolve", None, "wchar"):
+                result = resolve_recorded(r, args.plan, args.out, workers=args.workers)
         else:
-            result = resolve(r, args.out, workers=args.workers, max_shard_size=args.max_shard_size)
+            the_plan = plan(r)
+            with progress.meter("resolve", _output_bytes(r, the_plan), "wchar"):
+                result = execute(r, the_plan, args.out, workers=args.workers,
+                                 max_shard_size=max_shard)
         r.store.index.set_meta(checkpoint_key(result.plan_id, result.plan.method), result.checkpoint_id.encode())
+        excluded = report_exclusions(r, result.plan)
         payload = result.to_json()
+        payload["excluded"] = excluded
         payload["text"] = (f"checkpoint {result.checkpoint_id}\nplan {result.plan_id}\n"
-                           f"state root {result.state_root}\nwritten to {result.out}")
+                           f"state root {result.state_root}\nwritten to {result.out}"
+                           + (f"\n{len(excluded)} contribution(s) excluded (see above)"
+                              if excluded else ""))
         return 0, payload
+
+
+def _size_arg(value: str | int, flag: str, *, count: bool = False) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return progress.parse_size(value, count=count)
+    except ValueError as exc:
+        raise BadParameter(f"{flag} {exc}") from None
+
+
+def _output_bytes(r: Replica, the_plan: Any) -> int | None:
+    """The bytes of the output's tensors (what resolve writes), for its progress bar."""
+    if not progress.enabled():
+        return None
+    from crdt_merge.store.manifests import DTYPE_SIZES
+
+    ref = the_plan.base or the_plan.contributions[0].manifest
+    total = 0
+    for rec in r.get_manifest(ref).tensors.values():
+        n = DTYPE_SIZES.get(the_plan.dtype or rec.dtype, 4)
+        for d in rec.shape:
+            n *= d
+        total += n
+    return total
 
 
 def checkpoint_of(r: Replica) -> dict[str, Any]:
@@ -279,7 +459,8 @@ def checkpoint_of(r: Replica) -> dict[str, Any]:
                 "detail": exc.detail, "numeric_profile": numeric_profile()}
     cached = r.store.index.get_meta(checkpoint_key(p.id, p.method))
     if cached is None:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, progress.meter(
+                "resolve", _output_bytes(r, p), "wchar"):
             result = resolve(r, Path(tmp) / "out")
         r.store.index.set_meta(checkpoint_key(p.id, p.method), result.checkpoint_id.encode())
         cached = result.checkpoint_id.encode()

@@ -8,27 +8,67 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from crdt_merge.cli import commands, folder, ops_export
+from crdt_merge.cli import commands, folder, ops_export, progress
 from crdt_merge.errors import CrdtMergeError
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return version("crdt-model-merge")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crdt-merge", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"crdt-merge {_version()}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help_)
+        c = sub.add_parser(name, help=help_, description=help_)
         c.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print machine-readable JSON")
         return c
 
+    def replica_dir(c: argparse.ArgumentParser) -> None:
+        c.add_argument("dir", help="the replica directory")
+
+    force = "record it even when the plan would exclude it or fail"
+
+    c = cmd("merge", "merge the models of a mergekit YAML into OUT (a drop-in for "
+                     "mergekit-yaml)")
+    c.add_argument("config", help="a mergekit merge config (YAML)")
+    c.add_argument("out", help="the output model folder")
+    c.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the base model's tokenizer files to OUT (default: yes)")
+    c.add_argument("--out-shard-size", metavar="SIZE",
+                   help="parameters per output shard, as mergekit: 5B, 500M (default: 5 GiB "
+                        "of data)")
+    c.add_argument("--allow-crimes", action="store_true",
+                   help="mergekit's mixing of architectures: refused, use cross_family")
+    c.add_argument("--cuda", action="store_true",
+                   help="accepted for mergekit compatibility; changes nothing (CPU, float64)")
+    c.add_argument("--lazy-unpickle", action="store_true",
+                   help="accepted for mergekit compatibility; changes nothing")
+    c.add_argument("--allow-exclusions", action="store_true",
+                   help="merge even when a model is excluded (shape, vocabulary, NaN, bad "
+                        "parameter); by default that fails")
+    c.add_argument("--cache", metavar="DIR",
+                   help="the replica folder to use (default: one per config under "
+                        "$CRDT_MERGE_CACHE or ~/.cache/crdt-merge)")
+    c.add_argument("--workers", type=int, help="worker threads (default: CPU count, at most 8)")
+
     c = cmd("init", "create a merge project, or join one with --join PEER")
-    c.add_argument("dir")
+    replica_dir(c)
     c.add_argument("--site", required=True, help="this site's name")
     c.add_argument("--join", metavar="PEER", help="a replica directory (or URL) to join")
     c.add_argument("--name", default="merge", help="project name (new projects)")
@@ -37,76 +77,83 @@ def _parser() -> argparse.ArgumentParser:
                    help="piece size profile: v1 (16 MiB) or test (4 KiB)")
 
     c = cmd("admit", "admit a site's public key (admins only)")
-    c.add_argument("dir")
-    c.add_argument("site")
+    replica_dir(c)
+    c.add_argument("site", help="the site's name, as it gave it to init")
     c.add_argument("public_key", help="64 hex characters, from the joining site's init")
-    c.add_argument("--role", default="member", choices=["member", "admin"])
+    c.add_argument("--role", default="member", choices=["member", "admin"],
+                   help="member (contributes, retracts its own) or admin (also admits)")
 
     c = cmd("contribute", "contribute a donor model or delta")
-    c.add_argument("dir")
+    replica_dir(c)
     c.add_argument("model", help="a .safetensors file, a model folder or an org/name[@rev] repo id")
     c.add_argument("--base", help="the model this one was fine-tuned from")
     c.add_argument("--delta", action="store_true", help="MODEL is a delta against --base")
     c.add_argument("--weight", help="the donor's weight (mergekit `weight`)")
     c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a per-model parameter (density, epsilon, ...)")
+                   help="a per-model parameter (density, epsilon, ...); repeatable")
     c.add_argument("--label", help="a name for the model card (default: MODEL)")
+    c.add_argument("--force", action="store_true", help=force)
 
     c = cmd("retract", "retract contributions this site made")
-    c.add_argument("dir")
-    c.add_argument("op_ids", nargs="+")
+    replica_dir(c)
+    c.add_argument("op_ids", nargs="+", metavar="OP_ID",
+                   help="a contribution's op id or a unique prefix of it (as status prints)")
 
     c = cmd("recipe", "agree the merge method, its parameters and the anchor")
-    c.add_argument("dir")
-    c.add_argument("--method")
-    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    replica_dir(c)
+    c.add_argument("--method", help="the merge method (mergekit's name: linear, ties, slerp...)")
+    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe parameter (lambda, t, dtype, seed...); repeatable")
     c.add_argument("--anchor", help="the base/anchor model (path, repo id, manifest id or "
                                     "contribution op id)")
     c.add_argument("--from-mergekit", metavar="YAML", help="a mergekit merge config")
+    c.add_argument("--force", action="store_true", help=force)
 
-    c = cmd("status", "the replica's state")
-    c.add_argument("dir")
+    c = cmd("status", "the replica's state: members, recipe, each contribution's fate")
+    replica_dir(c)
 
     c = cmd("sync", "sync with a peer both ways")
-    c.add_argument("dir")
+    replica_dir(c)
     c.add_argument("peer", help="another replica directory or a server URL")
     c.add_argument("--token", help="bearer token for a server")
 
     c = cmd("plan", "print the merge plan without computing it")
-    c.add_argument("dir")
+    replica_dir(c)
 
     c = cmd("resolve", "compute the merged checkpoint")
-    c.add_argument("dir")
-    c.add_argument("--out", required=True)
+    replica_dir(c)
+    c.add_argument("--out", required=True, help="the output model folder")
     c.add_argument("--plan", metavar="MERGE_MANIFEST", help="re-derive a recorded checkpoint")
     c.add_argument("--workers", type=int, help="worker threads (default: CPU count, at most 8)")
-    c.add_argument("--max-shard-size", type=int, default=5 * 1024**3)
+    c.add_argument("--max-shard-size", default=str(5 * 1024**3), metavar="SIZE",
+                   help="bytes of tensor data per output shard: 5GB, 500MiB, 1e9 (default 5 GiB)")
 
     c = cmd("verify", "check that replicas hold the same state and checkpoint")
-    c.add_argument("dir")
-    c.add_argument("peers", nargs="+")
-    c.add_argument("--token")
+    replica_dir(c)
+    c.add_argument("peers", nargs="+", help="other replica directories or server URLs")
+    c.add_argument("--token", help="bearer token for the servers")
 
     c = cmd("verify-folder", "recompute a checkpoint folder's id from its files (no replica)")
-    c.add_argument("folder")
+    c.add_argument("folder", help="a checkpoint folder resolve wrote")
     c.add_argument("--expect", metavar="ID", help="the checkpoint id the files must have")
     c.add_argument("--piece-size", type=int, help="default: as merge_manifest.json records")
 
     c = cmd("ops", "export the replica's ops")
     ops = c.add_subparsers(dest="ops_command", required=True)
     oe = ops.add_parser("export", help="every op of the state, canonical bytes, one file")
-    oe.add_argument("dir")
+    oe.add_argument("dir", help="the replica directory")
     oe.add_argument("--out", required=True, help="the file to write (- for stdout)")
-    oe.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    oe.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="print machine-readable JSON")
 
     c = cmd("fsck", "verify every stored object and op")
-    c.add_argument("dir")
+    replica_dir(c)
 
     c = cmd("gc", "delete objects only retracted contributions reference")
-    c.add_argument("dir")
+    replica_dir(c)
 
     c = cmd("serve", "serve a replica over HTTP (needs the server extra)")
-    c.add_argument("dir")
+    replica_dir(c)
     c.add_argument("--host", help="address to listen on (default 127.0.0.1; another address "
                                   "needs --token-file)")
     c.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
@@ -126,10 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("families", "model families and their canonical namespace")
     fam = c.add_subparsers(dest="families_command", required=True)
     fl = fam.add_parser("list", help="supported families")
-    fl.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    fl.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="print machine-readable JSON")
     fc = fam.add_parser("check", help="detect a model's family and check the round trip")
-    fc.add_argument("model")
-    fc.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    fc.add_argument("model", help="a model folder, .safetensors file or repo id")
+    fc.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                    help="print machine-readable JSON")
     return p
 
 
@@ -144,24 +193,73 @@ def _print(payload: Any, as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (130 when interrupted, never a traceback for
+    Ctrl-C or a closed pipe)."""
     args = _parser().parse_args(argv)
     extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops}
-    handler = extra.get(args.command) or getattr(commands, "cmd_" + args.command.replace("-", "_"))
+    if args.command == "merge":
+        from crdt_merge.cli.merge import cmd_merge as handler
+    else:
+        handler = (extra.get(args.command)
+                   or getattr(commands, "cmd_" + args.command.replace("-", "_")))
+    progress.enable(not args.json)
     try:
-        code, payload = handler(args)
-    except CrdtMergeError as exc:
-        if args.json:
-            print(json.dumps({"error": exc.code, "detail": exc.detail}), file=sys.stderr)
-        else:
-            print(f"crdt-merge: {exc.code}: {exc.detail}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("crdt-merge: interrupted", file=sys.stderr)
-        return 130
-    if payload is not None:
-        _print(payload, args.json)
-    return code
+        try:
+            code, payload = handler(args)
+        except CrdtMergeError as exc:
+            if args.json:
+                print(json.dumps({"error": exc.code, "detail": exc.detail}), file=sys.stderr)
+            else:
+                print(f"crdt-merge: {exc.code}: {exc.detail}", file=sys.stderr)
+            return 2
+        if payload is not None:
+            _print(payload, args.json)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except BaseException as exc:  # noqa: BLE001 - Ctrl-C may surface as a cleanup error
+        if _interrupted(exc):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while we print
+            print("crdt-merge: interrupted", file=sys.stderr, flush=True)
+            return 130
+        raise
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a KeyboardInterrupt (Ctrl-C in
+    the middle of a ``with`` block can surface as the block's cleanup error)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__ or exc.__cause__
+        seen += 1
+    return False
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``| head``): stop quietly, as other tools do (exit 141)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
+def run() -> None:
+    """The ``crdt-merge`` console script: :func:`main`, then exit. An interrupted run
+    exits at once, without waiting for worker threads still finishing a tensor (what is
+    on disk is consistent: ops and objects are written atomically)."""
+    code = main()
+    if code in (130, 141):
+        try:
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -120,6 +120,9 @@ def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int |
         (tmp / name).write_bytes(data)
     labels = {c.op_id: c.label for c in the_plan.contributions}
     output.write_card(tmp, output.model_card(the_plan.to_wire(), the_plan.id, labels))
+    config_yml = output.mergekit_config(the_plan.to_wire(), labels)
+    if config_yml is not None:
+        (tmp / output.MERGEKIT_CONFIG).write_text(config_yml)
     # the id covers every file written so far, byte for byte (specs/checkpoint.md)
     manifest = checkpoint_manifest(tmp, replica.piece_size, tensors)
     checkpoint_id = manifest.id

@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from crdt_merge.errors import PlanError
+from crdt_merge.interop.mergekit import to_yaml
 from crdt_merge.store.manifests import DTYPE_SIZES, Manifest
 from crdt_merge.store.objects import fsync_dir
 from crdt_merge.store.safetensors_io import header_bytes
@@ -146,8 +149,13 @@ def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str])
     the decisions (which the same plan can be reached with different ones of: an ignored
     retract, a superseded recipe); those are in ``merge_manifest.json``.
     """
+    inputs = [labels.get(c["op_id"], c["label"]) for c in plan["contributions"]]
+    front = {"library_name": "transformers", "base_model_relation": "merge",
+             "tags": ["merge", "mergekit", "crdt-merge"]}
+    if inputs:
+        front["base_model"] = sorted(set(inputs))
     lines = [
-        "---", "library_name: transformers", "tags:", "- merge", "- crdt-merge", "---", "",
+        "---", *yaml.safe_dump(front, sort_keys=True).splitlines(), "---", "",
         "# Merged model", "",
         "Resolved by crdt-merge from a replicated merge project. Every replica holding the "
         "same ops resolves this checkpoint byte for byte; `crdt-merge verify-folder` "
@@ -194,6 +202,30 @@ def _slice_lines(plan: Mapping[str, Any], labels: Mapping[str, str]) -> list[str
         produced += length
     lines += ["", f"The output model has {produced} layers."]
     return lines
+
+
+MERGEKIT_CONFIG = "mergekit_config.yml"
+
+
+def mergekit_config(plan: Mapping[str, Any], labels: Mapping[str, str]) -> str | None:
+    """A mergekit config that reproduces the plan, or None when it does not map to one
+    (slices, deltas, the cross_family method, or a seeded random method). Models are named
+    by their labels (the anchor by its contribution's label, else ``anchor-<manifest>``):
+    point them at the model folders to run it with ``mergekit-yaml``."""
+    if (plan.get("slices") or plan.get("cross_family") or plan.get("seed")
+            or any(c["form"] != "full" for c in plan["contributions"])):
+        return None
+    name = {c["manifest"]: labels.get(c["op_id"], c["label"]) for c in plan["contributions"]}
+    base = plan["base"] or None
+    base_name = (name.get(base) or f"anchor-{base[:16]}") if base else None
+    params = dict(plan["params"])
+    dtype = CONFIG_DTYPES.get(plan["dtype"]) if plan.get("dtype") else None
+    if dtype:
+        params["dtype"] = dtype
+    models = [(labels.get(c["op_id"], c["label"]), c["params"]) for c in plan["contributions"]]
+    return ("# written by crdt-merge: the recipe of this checkpoint as a mergekit config;\n"
+            "# models are named by their labels: point them at the model folders\n"
+            + to_yaml(plan["method"], params, base_name, models))
 
 
 def write_card(out: Path, text: str) -> None:

@@ -28,19 +28,24 @@ from crdt_merge import codec
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import BadParameter, PlanError, ShapeMismatch
-from crdt_merge.hashing import PlanId, digest, is_id
+from crdt_merge.hashing import PlanId, digest
 from crdt_merge.methods import Method, SlicePlan, get_method, plan_slices
 from crdt_merge.methods import cross_family_params as _cross_family  # registers "cross_family"
-from crdt_merge.methods.params import parse_scalar
 from crdt_merge.numeric import NUMERIC_VERSION
+from crdt_merge.recipe import (  # noqa: F401  (OUT_DTYPES, RESOLVE_PARAMS: re-exported)
+    OUT_DTYPES,
+    RESOLVE_PARAMS,
+    check_recipe,
+    contribution_problem,
+    normalize_slices,
+    split_params,
+    unused_note,
+)
 from crdt_merge.replica import Replica
 from crdt_merge.store.finite import first_nonfinite
 from crdt_merge.store.manifests import Manifest
 
 PLAN_VERSION = 1
-#: recipe parameters resolve itself consumes; the rest go to the method
-RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source", "slices")
-OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 
 
 @dataclass(frozen=True)
@@ -131,144 +136,10 @@ def _shape_problem(donor: Manifest, reference: Manifest) -> str | None:
     return None
 
 
-def _param_problem(method: Method, recipe_params: Mapping[str, Any],
-                   params: Mapping[str, Any]) -> str | None:
-    """Why one contribution's own parameters are unusable with the recipe, or None.
-
-    A contribution with bad parameters is excluded (a recorded decision) rather than
-    failing the whole plan: one site's mistake must not stop every replica's merge.
-    Errors in the recipe itself still fail the plan."""
-    try:
-        method.validate(recipe_params, [params] * max(1, method.min_donors))
-    except BadParameter as exc:
-        return exc.detail
-    return None
-
-
 # -- layer slices --------------------------------------------------------------------------------
 
 ANCHOR = -1
 """In a :class:`SliceLayout`, the input that is the anchor rather than a contribution."""
-
-
-def _layer_bound(value: object, where: str) -> int:
-    try:
-        bound = parse_scalar(value, int)
-    except ValueError:
-        raise BadParameter(f"{where}: layer_range must be [start, end] with whole numbers, "
-                           f"got {value!r}") from None
-    return int(bound)
-
-
-def normalize_slices(raw: object) -> tuple[dict[str, Any], ...]:
-    """The recipe's ``slices`` checked for form and made canonical.
-
-    Each slice is ``{sources: [{model, layer_range: [start, end]}, ...], parameters?: {...}}``:
-    ``model`` a manifest id, ``layer_range`` whole numbers (ints or canonical decimal
-    strings) with ``0 <= start < end``, every source of a slice the same length, a model at
-    most once per slice. In the result the bounds are ints and ``parameters`` is left out
-    when empty, so equal slices give one plan id however the recipe spelled them.
-
-    Raises:
-        BadParameter: anything else (the message names the slice and the key).
-    """
-    shape = "a list of {sources: [{model, layer_range}], parameters?}"
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise BadParameter(f"slices must be {shape}")
-    out = []
-    for k, spec in enumerate(raw):
-        where = f"slices[{k}]"
-        if not isinstance(spec, Mapping):
-            raise BadParameter(f"{where}: a slice is a mapping; slices must be {shape}")
-        extra = sorted(set(spec) - {"sources", "parameters"})
-        if extra:
-            raise BadParameter(f"{where}: {', '.join(extra)} is not supported (a slice has "
-                               "`sources` and optional `parameters`)")
-        sources = spec.get("sources")
-        if not isinstance(sources, (list, tuple)) or not sources:
-            raise BadParameter(f"{where}: `sources` must list at least one source")
-        norm = []
-        for j, src in enumerate(sources):
-            at = f"{where}.sources[{j}]"
-            if not isinstance(src, Mapping):
-                raise BadParameter(f"{at}: a source is {{model, layer_range}}")
-            if "parameters" in src:
-                raise BadParameter(f"{at}: per-source `parameters` are not supported; set them "
-                                   "on the slice (`parameters`) or on the contribution")
-            extra = sorted(set(src) - {"model", "layer_range"})
-            if extra:
-                raise BadParameter(f"{at}: {', '.join(extra)} is not supported")
-            model = src.get("model")
-            if not is_id(model):
-                raise BadParameter(f"{at}: `model` must be the manifest id of a contributed "
-                                   f"model or of the anchor, got {model!r}")
-            rng = src.get("layer_range")
-            if not isinstance(rng, (list, tuple)) or len(rng) != 2:
-                raise BadParameter(f"{at}: layer_range must be [start, end], got {rng!r}")
-            start, end = (_layer_bound(v, at) for v in rng)
-            if not 0 <= start < end:
-                raise BadParameter(f"{at}: layer_range [{start}, {end}] is empty or negative "
-                                   "(it is [start, end) with 0 <= start < end)")
-            norm.append({"model": model, "layer_range": [start, end]})
-        lengths = {s["layer_range"][1] - s["layer_range"][0] for s in norm}
-        if len(lengths) != 1:
-            raise BadParameter(f"{where}: its sources span {sorted(lengths)} layers; all sources "
-                               "of a slice must span the same number of layers")
-        models = [s["model"] for s in norm]
-        if len(set(models)) != len(models):
-            raise BadParameter(f"{where}: a model appears twice among its sources")
-        params = spec.get("parameters")
-        if params is None:
-            params = {}
-        if not isinstance(params, Mapping) or not all(isinstance(key, str) for key in params):
-            raise BadParameter(f"{where}: `parameters` must be a mapping of parameter names")
-        entry: dict[str, Any] = {"sources": norm}
-        if params:
-            entry["parameters"] = dict(params)
-        out.append(entry)
-    return tuple(out)
-
-
-def check_recipe(method: Method, all_params: Mapping[str, Any]) -> tuple[
-        dict[str, Any], tuple[dict[str, Any], ...] | None, list[dict[str, Any]]]:
-    """A recipe's parameters checked as :func:`plan` checks them (``crdt-merge recipe``
-    checks them before authoring the op): the resolve parameters, then the method's,
-    per slice when there are ``slices`` (a slice may give a required value the recipe
-    does not). Returns the method's parameters, the canonical slices (or None) and each
-    slice's parameters over the recipe's.
-
-    Raises:
-        BadParameter: a bad dtype, ``allow_nonfinite``, slice or method parameter.
-    """
-    dtype_name = all_params.get("dtype")
-    if dtype_name is not None and dtype_name not in OUT_DTYPES:
-        raise BadParameter(f"dtype {dtype_name!r}: use one of {sorted(OUT_DTYPES)}")
-    if not isinstance(all_params.get("allow_nonfinite", False), bool):
-        raise BadParameter("allow_nonfinite must be true or false")
-    method_params = {k: v for k, v in all_params.items() if k not in RESOLVE_PARAMS}
-    slices = normalize_slices(all_params["slices"]) if "slices" in all_params else None
-    if slices is None:
-        method.validate_recipe(method_params)
-        return method_params, None, []
-    if method.name == _cross_family.NAME:
-        raise BadParameter(f"slices do not apply to {method.name}: it aligns whole models")
-    return method_params, slices, _slice_recipes(method, method_params, slices)
-
-
-def _slice_recipes(method: Method, method_params: Mapping[str, Any],
-                   slices: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each slice's parameters over the recipe's (mergekit's precedence), each checked."""
-    merged = []
-    for k, spec in enumerate(slices):
-        params = {**method_params, **spec.get("parameters", {})}
-        try:
-            method.validate_recipe(params)
-        except BadParameter as exc:
-            raise BadParameter(f"slices[{k}]: {exc.detail}") from None
-        merged.append(params)
-    # the recipe's own values, whether or not every slice overrides them
-    method.validate_recipe({**slices[0].get("parameters", {}), **method_params})
-    return merged
 
 
 def slice_roles(the_plan: MergePlan) -> dict[str, int]:
@@ -400,8 +271,24 @@ def _sliced_inputs(method: Method, base: str | None, slices: Sequence[Mapping[st
     return out
 
 
-def plan(replica: Replica) -> MergePlan:
+def exclusion_text(decisions: Sequence[Mapping[str, Any]],
+                   contributions: Sequence[Contribution]) -> str:
+    """The excluded contributions, one per line (op id prefix, site, label, reason), or ""."""
+    who = {c.op_id: c for c in contributions}
+    lines = []
+    for d in decisions:
+        if d.get("decision") == "excluded":
+            c = who.get(str(d.get("op_id")))
+            name = f"{c.site} {c.label!r}" if c is not None else ""
+            lines.append(f"\n  excluded {str(d.get('op_id'))[:12]} {name}: {d['detail']}")
+    return "".join(lines)
+
+
+def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
     """Decide the merge for the replica's current op set (see the module docstring).
+
+    ``extra``: ops not written yet, planned as if they were (``crdt-merge contribute`` and
+    ``recipe`` check a new op with the plan's own rules before writing it).
 
     Raises:
         PlanError: no recipe, no base for a method that needs one, no live contribution, or
@@ -409,7 +296,7 @@ def plan(replica: Replica) -> MergePlan:
         RecipeError: the winning recipe names an unknown method or bad parameters (or bad
             slices: an unknown model, bad ranges, sources of different lengths).
     """
-    ops = list(replica.ops().values())
+    ops = list(replica.ops().values()) + list(extra)
     recipes = opset.recipe_state(ops)
     if recipes.winner is None:
         raise PlanError("no recipe yet; agree one with `crdt-merge recipe DIR --method ...`")
@@ -431,9 +318,14 @@ def plan(replica: Replica) -> MergePlan:
     method_params, slices, merged = check_recipe(method, all_params)
 
     live = opset.live_contributions(ops)
-    contributions = [
-        Contribution(op.id, op.site, op.body["label"], op.body["manifest"], op.body["form"],
-                     op.body.get("base"), op.body["params"]) for op in live]
+    contributions = []
+    for op in live:  # a parameter the method does not use is ignored, as mergekit does
+        used, unused = split_params(method, op.body["params"])
+        if unused:
+            decisions.append({"decision": "params_ignored", "op_id": op.id,
+                              "detail": unused_note(method, unused)})
+        contributions.append(Contribution(op.id, op.site, op.body["label"], op.body["manifest"],
+                                          op.body["form"], op.body.get("base"), used))
     base = recipe.body.get("anchor")
     if base is None:
         bases = {c.base for c in contributions if c.base is not None}
@@ -467,11 +359,11 @@ def plan(replica: Replica) -> MergePlan:
                                             "(set allow_nonfinite=true to keep it)"})
                 continue
         if slices is None:
-            problem = _param_problem(method, method_params, c.params)
+            problem = contribution_problem(method, method_params, c.params)
         else:  # against each slice that names the model
             problem = next((p for k, spec in enumerate(slices)
                             if any(s["model"] == c.manifest for s in spec["sources"])
-                            for p in [_param_problem(method, merged[k], c.params)] if p), None)
+                            for p in [contribution_problem(method, merged[k], c.params)] if p), None)
         if problem:
             decisions.append({"decision": "excluded", "op_id": c.op_id,
                               "detail": f"bad parameters: {problem}"})
@@ -487,7 +379,8 @@ def plan(replica: Replica) -> MergePlan:
         every = [op for op in ops if op.kind == "contribute"]
         kept = _sliced_inputs(method, base, slices, merged, every, kept, decisions)
     elif not kept:
-        raise PlanError("no live contribution to merge (all retracted or excluded)")
+        raise PlanError("no live contribution to merge (all retracted or excluded)"
+                        + exclusion_text(decisions, contributions))
     else:
         method.validate(method_params, [c.params for c in kept])
     result = MergePlan(method.name, method_params, base, tuple(kept),

@@ -1,0 +1,166 @@
+"""Progress bars on a terminal: bytes, rate and ETA (tqdm), on stderr.
+
+Bars appear only when stderr is a terminal and ``--json`` is off (:func:`enable`); else
+every function here is a no-op, so scripts and pipes see nothing extra.
+
+The engine's long steps (import, resolve) have no callbacks: a bar measures them from the
+outside, by the bytes this process reads or writes (``rchar``/``wchar`` of
+``/proc/self/io``, every ``read``/``pwrite`` the store and resolve make), sampled by a
+thread, against the bytes the step will move (the model's files; the output's tensors).
+Where ``/proc/self/io`` does not exist, the bar shows elapsed time only.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_enabled = False
+
+
+def enable(on: bool) -> None:
+    """Show bars from now on when ``on`` and stderr is a terminal."""
+    global _enabled
+    _enabled = bool(on) and sys.stderr.isatty()
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+def _io_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == field:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@contextmanager
+def meter(label: str, total: int | None, counter: str = "rchar") -> Iterator[None]:
+    """A bar for one step, fed from this process's I/O counter ``counter`` (``rchar`` for
+    bytes read, ``wchar`` for bytes written) while the ``with`` body runs."""
+    if not _enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    start = _io_bytes(counter)
+    bar = tqdm(total=total or None, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
+               file=sys.stderr, leave=True, dynamic_ncols=True)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            now = _io_bytes(counter)
+            if now is not None and start is not None:
+                done = now - start
+                if total:
+                    done = min(done, total)
+                bar.update(done - bar.n)
+
+    thread = threading.Thread(target=sample, name="crdt-merge-progress", daemon=True)
+    thread.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        thread.join()
+        if ok and total:
+            bar.update(total - bar.n)
+        bar.close()
+
+
+def files_size(path: str) -> int | None:
+    """The bytes of a model folder's or file's weights (an import reads each once)."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            return p.stat().st_size
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    except OSError:
+        return None
+    return None
+
+
+class SyncBars:
+    """The ``progress(stage, done, total)`` callback of a sync: one bar per stage counting
+    objects, with the bytes moved so far and their rate in the bar's postfix."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._stage = ""
+        self._start = _io_bytes("rchar") or 0, _io_bytes("wchar") or 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not _enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self._stage or self._bar is None:
+            self.close()
+            self._stage = stage
+            self._bar = tqdm(total=total, desc=stage, unit="obj", file=sys.stderr,
+                             dynamic_ncols=True)
+        moved = ((_io_bytes("rchar") or 0) - self._start[0]) + ((_io_bytes("wchar") or 0)
+                                                                  - self._start[1])
+        self._bar.set_postfix_str(f"{human_size(moved)} moved", refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def human_size(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "b": 1,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, *, count: bool = False) -> int:
+    """A size as people write it: ``5GB``, ``5G``, ``5 GiB``, ``500M``, ``1e9`` or bytes.
+
+    Decimal units (K, M, G, T; KB, MB...) are powers of 1000, binary ones (KiB, MiB...)
+    of 1024. With ``count`` (a number of parameters, as mergekit's ``--out-shard-size``)
+    ``B`` alone means billions (``5B``); else it means bytes.
+
+    Raises:
+        ValueError: anything else, or a size below one.
+    """
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("kmgtib")
+    unit = s[len(num):]
+    if unit not in _UNITS:
+        raise ValueError(f"{text!r}: write a size such as 5GB, 500MiB or 1e9")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"{text!r}: write a size such as 5GB, 500MiB or 1e9") from None
+    scale = 10**9 if count and unit == "b" else _UNITS[unit]
+    size = int(value * scale)
+    if size < 1:
+        raise ValueError(f"{text!r}: a size must be at least 1")
+    return size
+
+
+Callback = Callable[[str, int, int], None]

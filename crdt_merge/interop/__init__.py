@@ -1,0 +1,1 @@
+"""interop: other tools' formats translated to and from ours (pure: no store, no replica)."""
