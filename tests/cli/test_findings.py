@@ -17,7 +17,7 @@ from crdt_merge.cli.progress import parse_size
 from crdt_merge.cli.render import short_ids
 from crdt_merge.errors import AmbiguousId, BadId, OpMissing
 from crdt_merge.replica import Replica
-from tests.resolve.conftest import models, tensors, write_model  # noqa: F401  (fixture)
+from tests.resolve.conftest import tensors, write_model
 
 
 def run(capsys, *args: str) -> tuple[int, dict, str]:
