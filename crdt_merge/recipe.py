@@ -26,7 +26,7 @@ from crdt_merge.errors import BadParameter
 from crdt_merge.hashing import is_id
 from crdt_merge.methods import METHODS, Method
 from crdt_merge.methods import cross_family_params as _cross_family  # registers "cross_family"
-from crdt_merge.methods.params import parse_scalar
+from crdt_merge.methods.params import leaves, parse_scalar
 
 #: recipe parameters resolve itself consumes; the rest go to the method
 RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source", "slices")
@@ -124,16 +124,17 @@ def values_no_method_accepts(params: Mapping[str, Any]) -> list[str]:
     recipe will be). A name no method knows is not reported here: it is unused."""
     problems = []
     for key, value in sorted(params.items()):
+        specs = [p for m in METHODS.values() for p in m.params
+                 if p.name == key and p.scope == "per_model"]
         reasons = []
-        for method in METHODS.values():
-            if not any(p.name == key and p.scope == "per_model" for p in method.params):
-                continue
+        for spec in specs:
             try:
-                method.validate({}, [{key: value}] * max(1, method.min_donors))
-            except BadParameter as exc:
-                if key in exc.detail and "is required" not in exc.detail:
-                    reasons.append(exc.detail)
-                    continue
+                for leaf in leaves(value):
+                    if leaf is not None or spec.default is not None:
+                        spec.coerce(leaf, key)
+            except (BadParameter, ValueError) as exc:
+                reasons.append(str(getattr(exc, "detail", exc)))
+                continue
             reasons = []
             break
         if reasons:
