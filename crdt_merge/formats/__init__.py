@@ -1,0 +1,1 @@
+"""Model file formats beyond safetensors: GGUF in and out (crdt_merge.formats.gguf)."""
