@@ -34,7 +34,8 @@ from crdt_merge.recipe import (  # noqa: F401  (parse_value: part of this module
     values_no_method_accepts,
 )
 from crdt_merge.replica import Replica
-from crdt_merge.store.importer import Imported, import_model
+from crdt_merge.store.adapter import is_peft_folder
+from crdt_merge.store.importer import Imported, import_adapter, import_model
 from crdt_merge.sync import LocalPeer, SyncStats, sync
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -68,6 +69,9 @@ def closing_peer(peer: Any) -> Iterator[Any]:
 
 def _import(replica: Replica, model: str) -> Imported:
     with progress.meter(f"import {Path(model).name or model}", progress.files_size(model)):
+        if model.endswith(".gguf") and Path(model).is_file():
+            from crdt_merge.formats.gguf import import_gguf
+            return import_gguf(replica.store, model, replica.piece_size)
         return import_model(replica.store, model, replica.piece_size)
 
 
@@ -201,11 +205,18 @@ def cmd_contribute(args: Any) -> tuple[int, Any]:
                 raise BadParameter(f"the recipe ({method.name}) would exclude this contribution: "
                                    f"{problem}; fix the value with --weight/--param "
                                    f"{FORCE_HINT}")
+        adapter = is_peft_folder(Path(args.model))
+        if adapter and (args.base is None or args.delta):
+            raise BadParameter("a PEFT adapter needs --base (the model it was trained on) "
+                               "and is not a --delta")
         base = _import(r, args.base) if args.base else None
-        donor = _import(r, args.model)
-        if base is not None and not args.delta:
+        if adapter:  # stored as its factors, checked against the base's shapes
+            donor = import_adapter(r.store, args.model, r.piece_size, base.manifest)
+        else:
+            donor = _import(r, args.model)
+        if base is not None and not args.delta and not adapter:
             _check_same_shapes(donor, base)
-        fields = dict(form="delta" if args.delta else "full",
+        fields = dict(form="adapter" if adapter else "delta" if args.delta else "full",
                       base=base.manifest_id if base else None, params=params,
                       label=(args.label or Path(args.model).name or args.model)[:200],
                       family=_family(donor)[:200])
@@ -416,10 +427,17 @@ def cmd_resolve(args: Any) -> tuple[int, Any]:
         excluded = report_exclusions(r, result.plan)
         payload = result.to_json()
         payload["excluded"] = excluded
+        if getattr(args, "format", "safetensors") == "gguf":
+            from crdt_merge.formats.gguf import export_gguf
+            target = Path(args.gguf_file or f"{Path(result.out)}.gguf")
+            with progress.meter("gguf", None, "wchar"):
+                payload["gguf"] = export_gguf(Path(result.out), target, args.gguf_type)
+            payload["text_gguf"] = f"gguf {target} ({args.gguf_type}) blake3 {payload['gguf']['blake3']}"
         payload["text"] = (f"checkpoint {result.checkpoint_id}\nplan {result.plan_id}\n"
                            f"state root {result.state_root}\nwritten to {result.out}"
                            + (f"\n{len(excluded)} contribution(s) excluded (see above)"
-                              if excluded else ""))
+                              if excluded else "")
+                           + (f"\n{payload.pop('text_gguf')}" if "text_gguf" in payload else ""))
         return 0, payload
 
 

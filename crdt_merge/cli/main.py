@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = cmd("contribute", "contribute a donor model or delta")
     replica_dir(c)
-    c.add_argument("model", help="a .safetensors file, a model folder or an org/name[@rev] repo id")
+    c.add_argument("model", help="a .safetensors, .bin or .gguf file, a model folder, a PEFT "
+                                 "LoRA adapter folder (needs --base) or an org/name[@rev] repo id")
     c.add_argument("--base", help="the model this one was fine-tuned from")
     c.add_argument("--delta", action="store_true", help="MODEL is a delta against --base")
     c.add_argument("--weight", help="the donor's weight (mergekit `weight`)")
@@ -127,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, help="worker threads (default: CPU count, at most 8)")
     c.add_argument("--max-shard-size", default=str(5 * 1024**3), metavar="SIZE",
                    help="bytes of tensor data per output shard: 5GB, 500MiB, 1e9 (default 5 GiB)")
+    c.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
+                   help="gguf: also write the checkpoint as one GGUF file (llama, qwen2, gemma3), "
+                        "its hash recorded in merge_manifest.json")
+    c.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
+                   help="the GGUF tensor type (default f16; 1-D tensors stay f32)")
+    c.add_argument("--gguf-file", metavar="PATH", help="where the GGUF goes (default: OUT.gguf, "
+                                                        "beside the folder)")
 
     c = cmd("verify", "check that replicas hold the same state and checkpoint")
     replica_dir(c)
