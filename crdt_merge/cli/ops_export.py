@@ -42,10 +42,14 @@ def cmd_ops(args: Any) -> tuple[int, Any]:
         return 0, None
     out = Path(args.out)
     tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, out)
     fsync_dir(out.parent)
     return 0, {"out": str(out), "ops": count, "state_root": root, "bytes": len(data),

@@ -27,6 +27,7 @@ from crdt_merge.resolve.execute import (
 from crdt_merge.resolve.plan import MergePlan, plan
 from crdt_merge.store.importer import read_file
 from crdt_merge.store.manifests import Manifest, TensorRecord
+from crdt_merge.store.objects import fsync_dir
 
 __all__ = ["MergePlan", "Resolved", "checkpoint_key", "plan", "resolve", "execute"]
 
@@ -138,6 +139,7 @@ def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int |
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    fsync_dir(out.parent)  # the rename itself, or a power cut could leave no folder
     return Resolved(checkpoint_id, the_plan.id, the_plan.state_root, out, the_plan)
 
 

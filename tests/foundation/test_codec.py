@@ -199,3 +199,37 @@ def test_canonical_strings_are_fixed_points(text):
     except FormatError:
         return
     assert codec.is_canonical_decimal(canon)
+
+
+# -- map key order: a permutation of a canonical map's keys is rejected ------------------------
+
+def _with_keys_in(order: list[str], value: dict[str, Any]) -> bytes:
+    """``value`` encoded canonically except that its top-level keys come in ``order``."""
+    n = len(order)
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + struct.pack(">H", n)
+    return head + b"".join(codec.encode(k) + codec.encode(value[k]) for k in order)
+
+
+@SETTINGS
+@given(st.dictionaries(st.text(max_size=6), values, min_size=2, max_size=20), st.data())
+def test_a_map_with_its_keys_permuted_is_rejected(value, data):
+    canonical = sorted(value, key=lambda k: k.encode("utf-8"))
+    order = data.draw(st.permutations(canonical))
+    encoded = _with_keys_in(order, value)
+    if order == canonical:
+        assert encoded == codec.encode(value) and same(codec.decode(encoded), value)
+    else:
+        with pytest.raises(NonCanonicalEncoding):
+            codec.decode(encoded)
+        # also when the map is nested inside another value
+        with pytest.raises(NonCanonicalEncoding):
+            codec.decode(b"\x92\xc0" + encoded)
+
+
+@SETTINGS
+@given(st.lists(st.text(max_size=4), min_size=2, max_size=8, unique=True))
+def test_utf8_order_is_not_utf16_or_length_order(keys):
+    """The canonical order is that of the keys' UTF-8 bytes, for any keys."""
+    value = {k: 0 for k in keys}
+    decoded = codec.decode(codec.encode(value))
+    assert list(decoded) == sorted(keys, key=lambda k: k.encode("utf-8"))

@@ -48,3 +48,14 @@ def serve(transport: str) -> Iterator[Callable[..., Any]]:
     yield make
     for cleanup in reversed(cleanups):
         cleanup()
+
+
+#: seconds one server test may take, setup and teardown included (pytest-timeout): a hung
+#: bridge, server process or teardown fails the test instead of holding the run
+SERVER_TEST_TIMEOUT = 240
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/server/" in item.nodeid and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT))

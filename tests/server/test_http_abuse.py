@@ -52,13 +52,15 @@ def site(tmp_path: Path) -> Iterator[tuple]:
     app = create_app(replica.path, settings)
     bridge = ASGIBridge(app)
     client = httpx.Client(base_url="http://testserver", transport=bridge)
-    before = snapshot(replica)
-    yield replica, client, bridge
-    assert snapshot(replica) == before, "an abusive request changed the replica"
-    client.close()
-    bridge.close()
-    app.state.service.close()
-    replica.close()
+    try:
+        before = snapshot(replica)
+        yield replica, client, bridge
+        assert snapshot(replica) == before, "an abusive request changed the replica"
+    finally:  # a failed check must not leave the bridge's threads running (pytest would hang)
+        client.close()
+        bridge.close()
+        app.state.service.close()
+        replica.close()
 
 
 def auth(token: str) -> dict[str, str]:
