@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ from crdt_merge.store.local import LocalStore, StagingLimits
 from crdt_merge.store.manifests import Manifest
 
 KEY_FILE = "site.key"
+#: seconds an object no op references is kept before gc deletes it (one day)
+GC_GRACE = 24 * 3600.0
 
 
 @dataclass
@@ -153,6 +156,13 @@ class Replica:
     def public_key(self) -> bytes:
         return opmod.public_bytes(self.key)
 
+    def get_meta(self, key: str) -> bytes | None:
+        """A value this replica keeps for itself (not replicated), e.g. cached checkpoints."""
+        return self.store.index.get_meta(key)
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.store.index.set_meta(key, value)
+
     def genesis_bytes(self) -> bytes:
         data = self.store.op_data(self.genesis_id)
         assert data is not None
@@ -237,6 +247,13 @@ class Replica:
                 return []
         return op.objects()
 
+    def object_sizes(self, manifest_ids: Iterable[str]) -> dict[str, int]:
+        """The declared length of every piece the given (held) manifests reference."""
+        out: dict[str, int] = {}
+        for mid in manifest_ids:
+            out.update(self.get_manifest(mid).piece_sizes())
+        return out
+
     def closure(self, manifest_ids: Iterable[str]) -> list[str]:
         """The manifests given plus every piece they reference (manifests must be held)."""
         out = dict.fromkeys(manifest_ids)
@@ -270,6 +287,9 @@ class Replica:
             else:
                 out.append(op)
         return out
+
+    def staged_count(self) -> int:
+        return self.store.index.staged_count()
 
     def pending(self) -> list[Op]:
         """Staged ops that verify now (held membership op, signature): they wait only for
@@ -473,7 +493,7 @@ class Replica:
                       "anchor": w.get("anchor"), "site": w["site"]}
         return {
             "project": self.genesis_id, "site": self.site, "state_root": self.state_root(),
-            "ops": len(ops), "staged": len(self.store.staged_rows()),
+            "ops": len(ops), "staged": self.staged_count(),
             "sites": sorted({op.site for op in ops}),
             "contributions": contributions, "recipe": recipe,
             "conflicts": [{"op_id": op.id, "method": op.body["method"], "site": op.site}
@@ -482,8 +502,12 @@ class Replica:
                                  for r, t in opset.ignored_retracts(ops)],
         }
 
-    def gc(self) -> dict[str, int]:
-        """Delete objects referenced only by contributions their own site retracted.
+    def gc(self, grace: float = GC_GRACE) -> dict[str, int]:
+        """Delete objects referenced only by contributions their own site retracted, and
+        objects no committed or verified staged op references at all (a PUT nobody's op
+        named, an abandoned upload) once they are ``grace`` seconds old: the grace keeps
+        the objects of a push whose ops are still on their way. ``deleted`` counts both,
+        ``unreferenced`` the second kind; stale download part files go too.
 
         When a committed op that is not retracted lacks one of its manifests (quarantined,
         waiting to be fetched again), its pieces are unknown, so nothing is deleted: gc
@@ -500,11 +524,15 @@ class Replica:
                 dead |= objects
             else:
                 if op.id in self.ops() and len(refs) < len(op.objects()):
-                    return {"deleted": 0}
+                    return {"deleted": 0, "unreferenced": 0}
                 keep |= objects | set(op.objects())
         doomed = sorted(dead - keep)
-        self.store.delete_objects(doomed)
-        return {"deleted": len(doomed)}
+        now = time.time()
+        loose = [o for o in self.store.object_ids() if o not in keep and o not in dead
+                 and now - self.store.files.mtime(o) >= grace]
+        self.store.delete_objects(doomed + loose)
+        self.store.files.clean_parts()
+        return {"deleted": len(doomed) + len(loose), "unreferenced": len(loose)}
 
     def fsck(self) -> dict[str, Any]:
         """Verify every held object and op; quarantine what fails. ``ok`` is False when

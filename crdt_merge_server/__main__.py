@@ -20,12 +20,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action="append", default=[])
     p.add_argument("--peer-token-file")
     p.add_argument("--sync-interval", type=float)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--peer-ca")
     args = p.parse_args(argv)
     try:
         settings = Settings.from_env(host=args.host, port=args.port, token_file=args.token_file,
                                      peers=tuple(args.peer) or None,
                                      peer_token_file=args.peer_token_file,
-                                     sync_interval=args.sync_interval)
+                                     sync_interval=args.sync_interval,
+                                     tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                     peer_ca=args.peer_ca)
         serve(args.dir, settings)
     except CrdtMergeError as exc:
         print(f"crdt-merge: {exc.code}: {exc.detail}", file=sys.stderr)

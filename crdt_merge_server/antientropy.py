@@ -60,8 +60,9 @@ class AntiEntropy:
 
     def pull_from(self, url: str) -> dict[str, Any]:
         """One pull from ``url``: what moved and what it cost on the wire."""
+        ca = str(self.settings.peer_ca) if self.settings.peer_ca else None
         with HttpPeer(url, self.settings.peer_token,
-                      workers=self.settings.transfer_workers) as peer:
+                      workers=self.settings.transfer_workers, ca=ca) as peer:
             try:
                 stats = pull(self.replica, peer)
             except (CrdtMergeError, OSError) as exc:
@@ -76,7 +77,7 @@ class AntiEntropy:
         """Pull from every peer once (rounds never overlap); then commit what can be."""
         with self._round:
             out = {url: self.pull_from(url) for url in self.settings.peers}
-            if self.replica.store.staged_rows():
+            if self.replica.staged_count():
                 self.replica.commit_staged()
             self.last = out
             return out

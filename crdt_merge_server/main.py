@@ -70,13 +70,16 @@ def serve(replica_dir: str | os.PathLike[str], settings: Settings,
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"crdt-merge: serving {replica_dir} on http://{shown}:{port}", file=out, flush=True)
+    scheme = "https" if settings.tls_cert else "http"
+    print(f"crdt-merge: serving {replica_dir} on {scheme}://{shown}:{port}", file=out, flush=True)
     if warning:
         print(f"crdt-merge: {warning}", file=out, flush=True)
     if settings.peers:
         print(f"crdt-merge: pulling from {', '.join(settings.peers)} every "
               f"{settings.sync_interval:g}s", file=out, flush=True)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+    tls = ({"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+           if settings.tls_cert else {})
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **tls,
                             timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             http=guarded_protocol(settings),  # header and drain deadlines
                             h11_max_incomplete_event_size=settings.max_header_bytes)

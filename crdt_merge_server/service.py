@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from crdt_merge import ENGINE, NUMERIC_VERSION
-from crdt_merge.errors import BadParameter, PlanError, RecipeError
+from crdt_merge.errors import BadParameter
 from crdt_merge.replica import Replica
+from crdt_merge.store.local import StagingLimits
 from crdt_merge.sync import reconcile, wire
 from crdt_merge_server.antientropy import AntiEntropy
 from crdt_merge_server.settings import Settings
@@ -27,12 +28,14 @@ class Service:
     def __init__(self, replica: Replica, settings: Settings) -> None:
         self.replica = replica
         self.settings = settings
+        replica.staging = StagingLimits(settings.max_staged_ops, settings.max_staged_bytes,
+                                        settings.max_staged_age)
         self.checkpoint_dir = Path(settings.checkpoint_dir or replica.path / "checkpoints")
         self.anti_entropy = AntiEntropy(replica, settings)
         self._lock = threading.Lock()
         self._index: tuple[str, reconcile.IdIndex] | None = None
         self._resolving = threading.Lock()
-        self._resolved: dict[str, tuple[str, str]] = {}  # state root -> (plan id, checkpoint id)
+        self._checkpoints: Any = None
         genesis = replica.get_op(replica.genesis_id)
         self.profile = dict(genesis.body["profile"]) if genesis is not None else {}
         if settings.max_object_bytes < replica.piece_size:
@@ -47,10 +50,10 @@ class Service:
     def state(self) -> dict[str, Any]:
         r = self.replica
         root = r.state_root()
-        resolved = self._resolved.get(root)
+        resolved = self._checkpoints.known(root) if self._checkpoints is not None else None
         return {
             "genesis": r.genesis_id, "state_root": root, "ops": len(r.ops()),
-            "staged": len(r.store.staged_rows()), "site": r.site, "profile": self.profile,
+            "staged": r.staged_count(), "site": r.site, "profile": self.profile,
             "checkpoint_id": resolved[1] if resolved else None,
             "plan_id": resolved[0] if resolved else None,
             "engine": ENGINE, "protocol": wire.PROTOCOL_VERSION, "numeric": numeric_version(),
@@ -64,37 +67,22 @@ class Service:
                 self._index = (root, reconcile.IdIndex(self.replica.op_ids()))
             return self._index[1]
 
+    def checkpoints(self) -> Any:
+        """The checkpoint service (made on first use: resolve may be missing here)."""
+        if self._checkpoints is None:
+            from crdt_merge.resolve.checkpoint_cache import Checkpoints
+            self._checkpoints = Checkpoints(self.replica, self.checkpoint_dir,
+                                            self.settings.keep_checkpoints)
+        return self._checkpoints
+
     def checkpoint(self) -> dict[str, Any]:
         """The checkpoint of the current state: resolved once per plan into
-        ``checkpoint_dir/<plan id>`` and listed from there."""
-        r = self.replica
-        root = r.state_root()
-        try:
-            from crdt_merge.resolve import checkpoint_key, execute, plan
-            from crdt_merge.resolve.execute import numeric_profile
-        except ImportError as exc:
-            return {"state_root": root, "checkpoint_id": None, "plan_id": None,
-                    "numeric_profile": None, "files": [],
-                    "detail": f"resolve is not available in this installation ({exc})"}
+        ``checkpoint_dir/<plan id>`` (older renders pruned) and listed from there."""
         with self._resolving:
             try:
-                the_plan = plan(r)
-            # RecipeError: the winning recipe names a method or parameters this installation
-            # does not know (a valid op all the same): no plan here, not a bad request
-            except (PlanError, RecipeError) as exc:
-                return {"state_root": root, "checkpoint_id": None, "plan_id": None,
-                        "numeric_profile": numeric_profile(), "files": [],
-                        "detail": exc.detail}
-            out = self.checkpoint_dir / the_plan.id
-            cached = r.store.index.get_meta(checkpoint_key(the_plan.id, the_plan.method))
-            if cached is None or not out.is_dir():
-                result = execute(r, the_plan, out)
-                r.store.index.set_meta(checkpoint_key(the_plan.id, the_plan.method), result.checkpoint_id.encode())
-                cached = result.checkpoint_id.encode()
-            checkpoint_id = cached.decode()
-            self._resolved[the_plan.state_root or root] = (the_plan.id, checkpoint_id)
-            files = [{"name": f.name, "size": f.stat().st_size}
-                     for f in sorted(out.iterdir()) if f.is_file()]
-            return {"state_root": the_plan.state_root or root, "checkpoint_id": checkpoint_id,
-                    "plan_id": the_plan.id, "numeric_profile": numeric_profile(the_plan.method),
-                    "files": files}
+                service = self.checkpoints()
+            except ImportError as exc:
+                return {"state_root": self.replica.state_root(), "checkpoint_id": None,
+                        "plan_id": None, "numeric_profile": None, "files": [],
+                        "detail": f"resolve is not available in this installation ({exc})"}
+            return service.current()

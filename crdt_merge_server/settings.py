@@ -20,6 +20,14 @@
                                   has taken BODY_TIMEOUT seconds (1024)
     CRDT_MERGE_MAX_HEADER_BYTES   largest request line and headers, in bytes (16 KiB)
     CRDT_MERGE_MAX_HEADERS        most headers in one request (100)
+    CRDT_MERGE_MAX_STAGED_OPS     most ops kept staged (not yet committable) (10000)
+    CRDT_MERGE_MAX_STAGED_BYTES   most bytes of staged ops (16 MiB)
+    CRDT_MERGE_MAX_STAGED_AGE     seconds a staged op is kept (86400)
+    CRDT_MERGE_KEEP_CHECKPOINTS   rendered checkpoints kept besides the current one (2)
+    CRDT_MERGE_TLS_CERT           PEM certificate chain: serve HTTPS (with TLS_KEY)
+    CRDT_MERGE_TLS_KEY            PEM private key of that certificate
+    CRDT_MERGE_PEER_CA            PEM CA bundle to check https peers against (else the
+                                  system's)
 
 Token file: one token per line, ``SITE SCOPES TOKEN``, scopes comma-separated from
 ``read``, ``contribute``, ``admin`` (each implies the ones before it); ``#`` starts a
@@ -114,6 +122,13 @@ class Settings:
     min_body_rate: int = 1024
     max_header_bytes: int = 16 << 10
     max_headers: int = 100
+    max_staged_ops: int = 10_000
+    max_staged_bytes: int = 16 << 20
+    max_staged_age: float = 86400.0
+    keep_checkpoints: int = 2
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    peer_ca: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -174,6 +189,17 @@ class Settings:
             max_header_bytes=pick("max_header_bytes", "CRDT_MERGE_MAX_HEADER_BYTES",
                                   cls.max_header_bytes, int),
             max_headers=pick("max_headers", "CRDT_MERGE_MAX_HEADERS", cls.max_headers, int),
+            max_staged_ops=pick("max_staged_ops", "CRDT_MERGE_MAX_STAGED_OPS",
+                                cls.max_staged_ops, int),
+            max_staged_bytes=pick("max_staged_bytes", "CRDT_MERGE_MAX_STAGED_BYTES",
+                                  cls.max_staged_bytes, int),
+            max_staged_age=pick("max_staged_age", "CRDT_MERGE_MAX_STAGED_AGE",
+                                cls.max_staged_age, float),
+            keep_checkpoints=pick("keep_checkpoints", "CRDT_MERGE_KEEP_CHECKPOINTS",
+                                  cls.keep_checkpoints, int),
+            tls_cert=pick("tls_cert", "CRDT_MERGE_TLS_CERT", None, Path),
+            tls_key=pick("tls_key", "CRDT_MERGE_TLS_KEY", None, Path),
+            peer_ca=pick("peer_ca", "CRDT_MERGE_PEER_CA", None, Path),
         )
         if given:
             raise BadParameter(f"unknown settings: {sorted(given)}")
@@ -182,6 +208,15 @@ class Settings:
                 raise BadParameter(f"peer {peer!r} is not an http(s) URL")
         if settings.sync_interval <= 0 or settings.transfer_workers < 1:
             raise BadParameter("the sync interval and transfer workers must be positive")
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise BadParameter("give both --tls-cert and --tls-key (or neither)")
+        for path in (settings.tls_cert, settings.tls_key, settings.peer_ca):
+            if path is not None and not Path(path).is_file():
+                raise BadParameter(f"{path}: no such file")
+        if min(settings.max_staged_ops, settings.max_staged_bytes, settings.max_staged_age) <= 0 \
+                or settings.keep_checkpoints < 0:
+            raise BadParameter("the staging bounds must be positive and keep_checkpoints at "
+                               "least 0")
         if (min(settings.header_timeout, settings.body_timeout) <= 0
                 or min(settings.min_body_rate, settings.max_header_bytes,
                        settings.max_headers) < 1):

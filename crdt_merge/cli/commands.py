@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -45,14 +46,31 @@ def is_url(peer: str) -> bool:
     return peer.startswith(("http://", "https://"))
 
 
-def open_peer(peer: str, token: str | None = None) -> Any:
-    """A sync peer: another replica directory, or an HTTP server."""
+def client_token(args: Any) -> str | None:
+    """The bearer token: ``--token``, else the file ``--token-file`` names, else the
+    ``CRDT_MERGE_TOKEN`` environment variable (the last two keep it out of ``ps``)."""
+    if getattr(args, "token", None):
+        return str(args.token)
+    path = getattr(args, "client_token_file", None)
+    if path:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError as exc:
+            raise BadParameter(f"cannot read the token file {path}: {exc.strerror}") from None
+        if not text:
+            raise BadParameter(f"the token file {path} is empty")
+        return text
+    return os.environ.get("CRDT_MERGE_TOKEN") or None
+
+
+def open_peer(peer: str, token: str | None = None, ca: str | None = None) -> Any:
+    """A sync peer: another replica directory, or an HTTP(S) server."""
     if is_url(peer):
         try:
             from crdt_merge.sync.http import HttpPeer
         except ImportError:
             raise PlanError("syncing with a URL needs the HTTP client (crdt_merge.sync.http)") from None
-        return HttpPeer(peer, token=token)
+        return HttpPeer(peer, token=token, ca=ca or os.environ.get("CRDT_MERGE_CA") or None)
     return LocalPeer(Replica.open(peer))
 
 
@@ -148,7 +166,7 @@ def _sync(r: Replica, peer: Any) -> SyncStats:
 
 def cmd_init(args: Any) -> tuple[int, Any]:
     if args.join:
-        with closing_peer(open_peer(args.join, args.token)) as peer:
+        with closing_peer(open_peer(args.join, client_token(args), args.ca)) as peer:
             genesis = peer.get_ops([peer.state().genesis])[0]
             replica = Replica.join(args.dir, args.site, genesis)
             stats = _sync(replica, peer)
@@ -380,7 +398,7 @@ def cmd_status(args: Any) -> tuple[int, Any]:
 
 def cmd_sync(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
-        with closing_peer(open_peer(args.peer, args.token)) as peer:
+        with closing_peer(open_peer(args.peer, client_token(args), args.ca)) as peer:
             stats = _sync(r, peer)
         payload = _stats(stats)
         payload["state_root"] = r.state_root()
@@ -412,7 +430,8 @@ def report_exclusions(r: Replica, the_plan: Any) -> list[dict[str, Any]]:
 
 
 def cmd_resolve(args: Any) -> tuple[int, Any]:
-    from crdt_merge.resolve import checkpoint_key, execute, plan, resolve_recorded
+    from crdt_merge.resolve import execute, plan, resolve_recorded
+    from crdt_merge.resolve.checkpoint_cache import Checkpoints
     max_shard = _size_arg(args.max_shard_size, "--max-shard-size")
     with Replica.open(args.dir) as r:
         if args.plan:
@@ -423,7 +442,7 @@ def cmd_resolve(args: Any) -> tuple[int, Any]:
             with progress.meter("resolve", _output_bytes(r, the_plan), "wchar"):
                 result = execute(r, the_plan, args.out, workers=args.workers,
                                  max_shard_size=max_shard)
-        r.store.index.set_meta(checkpoint_key(result.plan_id, result.plan.method), result.checkpoint_id.encode())
+        Checkpoints(r).record(result)
         excluded = report_exclusions(r, result.plan)
         payload = result.to_json()
         payload["excluded"] = excluded
@@ -468,21 +487,23 @@ def _output_bytes(r: Replica, the_plan: Any) -> int | None:
 
 def checkpoint_of(r: Replica) -> dict[str, Any]:
     """The replica's checkpoint id for its current plan (resolving it once if needed)."""
-    from crdt_merge.resolve import checkpoint_key, plan, resolve
+    from crdt_merge.resolve import plan, resolve
+    from crdt_merge.resolve.checkpoint_cache import Checkpoints
     from crdt_merge.resolve.execute import numeric_profile
     try:
         p = plan(r)
     except PlanError as exc:
         return {"state_root": r.state_root(), "checkpoint_id": None, "plan_id": None,
                 "detail": exc.detail, "numeric_profile": numeric_profile()}
-    cached = r.store.index.get_meta(checkpoint_key(p.id, p.method))
+    cache = Checkpoints(r)
+    cached = cache.cached(p)
     if cached is None:
         with tempfile.TemporaryDirectory() as tmp, progress.meter(
                 "resolve", _output_bytes(r, p), "wchar"):
             result = resolve(r, Path(tmp) / "out")
-        r.store.index.set_meta(checkpoint_key(p.id, p.method), result.checkpoint_id.encode())
-        cached = result.checkpoint_id.encode()
-    return {"state_root": r.state_root(), "checkpoint_id": cached.decode(), "plan_id": p.id,
+        cache.record(result)
+        cached = result.checkpoint_id
+    return {"state_root": r.state_root(), "checkpoint_id": cached, "plan_id": p.id,
             "numeric_profile": numeric_profile(p.method)}
 
 
@@ -490,7 +511,7 @@ def cmd_verify(args: Any) -> tuple[int, Any]:
     views = {}
     for where in [args.dir, *args.peers]:
         if is_url(where):
-            with closing_peer(open_peer(where, args.token)) as peer:
+            with closing_peer(open_peer(where, client_token(args), args.ca)) as peer:
                 views[where] = peer.checkpoint()
         else:
             with Replica.open(where) as r:
@@ -527,8 +548,9 @@ def cmd_fsck(args: Any) -> tuple[int, Any]:
 
 def cmd_gc(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
-        report = r.gc()
-        report["text"] = f"deleted {report['deleted']} objects"
+        report = r.gc(grace=args.grace)
+        report["text"] = (f"deleted {report['deleted']} objects ({report['unreferenced']} "
+                          "that no op references)")
         return 0, report
 
 
@@ -536,7 +558,6 @@ def cmd_serve(args: Any) -> tuple[int, Any]:
     """Replace this process with the server program (``python -m crdt_merge_server``): the package
     never imports the server (it depends on us, not the reverse)."""
     import importlib.util
-    import os
 
     if importlib.util.find_spec("crdt_merge_server") is None or importlib.util.find_spec("fastapi") is None:
         raise CrdtMergeError("serving needs the server extra: pip install 'crdt-model-merge[server]'")
@@ -544,7 +565,9 @@ def cmd_serve(args: Any) -> tuple[int, Any]:
     for flag, value in (("--host", args.host), ("--port", args.port),
                         ("--token-file", args.token_file),
                         ("--peer-token-file", args.peer_token_file),
-                        ("--sync-interval", args.sync_interval)):
+                        ("--sync-interval", args.sync_interval),
+                        ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                        ("--peer-ca", args.peer_ca)):
         if value is not None:
             argv += [flag, str(value)]
     for peer in args.peer:

@@ -26,6 +26,17 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def client_args(c: argparse.ArgumentParser) -> None:
+    """How a command that may talk to a server authenticates and checks it."""
+    c.add_argument("--token", help="bearer token for a server (visible to other local users "
+                                   "in the process list: prefer --token-file or "
+                                   "CRDT_MERGE_TOKEN)")
+    c.add_argument("--token-file", dest="client_token_file", metavar="FILE",
+                   help="a file holding the bearer token")
+    c.add_argument("--ca", help="PEM CA bundle to check an https server's certificate against "
+                                "(default: the system's; or CRDT_MERGE_CA)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crdt-merge", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -72,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--site", required=True, help="this site's name")
     c.add_argument("--join", metavar="PEER", help="a replica directory (or URL) to join")
     c.add_argument("--name", default="merge", help="project name (new projects)")
-    c.add_argument("--token", help="bearer token when PEER is a server")
+    client_args(c)
     c.add_argument("--profile", default="v1", choices=["v1", "test"],
                    help="piece size profile: v1 (16 MiB) or test (4 KiB)")
 
@@ -116,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("sync", "sync with a peer both ways")
     replica_dir(c)
     c.add_argument("peer", help="another replica directory or a server URL")
-    c.add_argument("--token", help="bearer token for a server")
+    client_args(c)
 
     c = cmd("plan", "print the merge plan without computing it")
     replica_dir(c)
@@ -139,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("verify", "check that replicas hold the same state and checkpoint")
     replica_dir(c)
     c.add_argument("peers", nargs="+", help="other replica directories or server URLs")
-    c.add_argument("--token", help="bearer token for the servers")
+    client_args(c)
 
     c = cmd("verify-folder", "recompute a checkpoint folder's id from its files (no replica)")
     c.add_argument("folder", help="a checkpoint folder resolve wrote")
@@ -157,8 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("fsck", "verify every stored object and op")
     replica_dir(c)
 
-    c = cmd("gc", "delete objects only retracted contributions reference")
+    c = cmd("gc", "delete objects only retracted contributions, or no op at all, reference")
     replica_dir(c)
+    c.add_argument("--grace", type=float, default=24 * 3600.0,
+                   help="seconds an object no op references is kept (default one day)")
 
     c = cmd("serve", "serve a replica over HTTP (needs the server extra)")
     replica_dir(c)
@@ -170,6 +183,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a server to pull from periodically (anti-entropy); repeatable")
     c.add_argument("--peer-token-file", help="a file holding this site's token for its peers")
     c.add_argument("--sync-interval", type=float, help="seconds between pulls (default 30)")
+    c.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS (with --tls-key)")
+    c.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    c.add_argument("--peer-ca", help="PEM CA bundle to check https peers against")
 
     c = cmd("eval", "bits per byte and perplexity of a causal LM on a text")
     c.add_argument("model", help="a model folder (config, safetensors, tokenizer)")

@@ -94,6 +94,16 @@ class Manifest:
     def id(self) -> ManifestId:
         return ManifestId(digest(self.encode()))
 
+    def piece_sizes(self) -> dict[str, int]:
+        """The exact length of each piece this manifest references, as it declares them
+        (a download is cut off past it)."""
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out.update(zip(t.pieces, piece_lengths(t.nbytes, self.piece_size), strict=True))
+        for f in self.files.values():
+            out.update(zip(f.pieces, piece_lengths(f.size, self.piece_size), strict=True))
+        return out
+
     def piece_ids(self) -> Iterator[PieceId]:
         """Every piece this manifest references, tensors first, in manifest order (with
         repeats: a piece shared by two tensors appears twice)."""

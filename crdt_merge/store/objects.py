@@ -22,13 +22,16 @@ import fcntl
 import itertools
 import os
 import signal
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from crdt_merge.errors import HashMismatch, PieceCorrupt, PieceMissing, ShapeMismatch
-from crdt_merge.hashing import Hasher, PieceId, check_id, digest
+from crdt_merge.hashing import Hasher, PieceId, check_id, digest, is_id
 
 _COUNTER = itertools.count()
+#: seconds an interrupted download's part file is kept for resuming
+PART_MAX_AGE = 24 * 3600.0
 
 
 def crashpoint(name: str) -> None:
@@ -84,9 +87,34 @@ class ObjectFiles:
         fsync_dir(self.objects)
         fsync_dir(self.root)
 
-    def clean_tmp(self) -> int:
-        """Delete temp files left by processes that no longer run. Returns how many."""
+    def clean_parts(self, max_age: float = PART_MAX_AGE) -> int:
+        """Delete download part files no transfer holds (unlocked) that are older than
+        ``max_age`` seconds or whose object is stored already. Returns how many."""
         removed = 0
+        now = time.time()
+        for entry in self.tmp.glob("*.part"):
+            try:
+                fd = os.open(entry, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a transfer is writing it
+                name = entry.name[:-len(".part")]
+                done = is_id(name) and self.exists(name)
+                if done or now - os.fstat(fd).st_mtime > max_age:
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
+
+    def clean_tmp(self) -> int:
+        """Delete temp files left by processes that no longer run, and stale download part
+        files (:meth:`clean_parts`). Returns how many."""
+        removed = self.clean_parts()
         for entry in self.tmp.glob("*.tmp"):
             pid_text = entry.name.split("-", 1)[0]
             if pid_text.isdigit() and _pid_alive(int(pid_text)):
@@ -223,6 +251,13 @@ class ObjectFiles:
             return self.path(object_id).stat().st_size
         except FileNotFoundError:
             raise PieceMissing(object_id) from None
+
+    def mtime(self, object_id: str) -> float:
+        """When the object's file was written (0 when it is gone)."""
+        try:
+            return self.path(object_id).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def delete(self, object_id: str) -> None:
         self.path(object_id).unlink(missing_ok=True)

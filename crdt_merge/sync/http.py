@@ -16,8 +16,9 @@ connection that fails becomes :class:`~crdt_merge.sync.wire.PeerUnreachable`.
 from __future__ import annotations
 
 import re
+import ssl
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from crdt_merge.store.objects import ObjectWriter
 from crdt_merge.sync import wire
 from crdt_merge.sync.protocol import PeerState
 
+#: the most bytes a download may take when the caller declares no size for the object
+MAX_DOWNLOAD_BYTES = 64 << 20
 #: ops per POST /v1/ops (and at most this many bytes of them)
 OPS_PER_REQUEST = 1000
 OP_BYTES_PER_REQUEST = 4 << 20
@@ -64,17 +67,23 @@ class HttpPeer:
         workers: objects transferred at once.
         timeout: seconds to wait for a connection or between bytes.
         transport: an httpx transport (tests use an in-process ASGI transport).
+        ca: a PEM file of the CA(s) to check an https server's certificate against.
     """
 
     def __init__(self, url: str, token: str | None = None, *, workers: int = 4,
-                 timeout: float = 60.0, transport: httpx.BaseTransport | None = None) -> None:
+                 timeout: float = 60.0, transport: httpx.BaseTransport | None = None,
+                 ca: str | None = None) -> None:
         self.url = url.rstrip("/")
+        # https: the server's certificate is checked against ``ca`` (a PEM bundle), else
+        # against the system's trusted roots
+        verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca) if ca
+                                         else True)
         headers = {"Accept": wire.MSGPACK, "User-Agent": ENGINE}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.workers = max(1, workers)
         self._client = httpx.Client(
-            base_url=self.url, headers=headers, transport=transport,
+            base_url=self.url, headers=headers, transport=transport, verify=verify,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=self.workers + 2,
                                 max_keepalive_connections=self.workers + 2))
@@ -271,10 +280,14 @@ class HttpPeer:
         return done, nbytes
 
     def fetch_objects(self, store: LocalStore, ids: Sequence[str],
-                      progress: Callable[[int, int], None]) -> tuple[int, int]:
-        """Download ``ids`` into ``store``, ``workers`` at a time, each verified and resumable.
-        Returns (objects, body bytes) received."""
-        return self._parallel(lambda i: self._download(store, i), ids, progress)
+                      progress: Callable[[int, int], None],
+                      limits: Mapping[str, int] | None = None) -> tuple[int, int]:
+        """Download ``ids`` into ``store``, ``workers`` at a time, each verified and resumable,
+        and each cut off (its part file deleted) past ``limits[id]`` bytes (default
+        :data:`MAX_DOWNLOAD_BYTES`). Returns (objects, body bytes) received."""
+        limits = limits or {}
+        return self._parallel(
+            lambda i: self._download(store, i, limits.get(i, MAX_DOWNLOAD_BYTES)), ids, progress)
 
     def put_objects(self, store: LocalStore, ids: Sequence[str],
                     progress: Callable[[int, int], None]) -> tuple[int, int]:
@@ -286,7 +299,8 @@ class HttpPeer:
 
         return self._parallel(upload, ids, progress)
 
-    def _download(self, store: LocalStore, object_id: str) -> int:
+    def _download(self, store: LocalStore, object_id: str,
+                  limit: int = MAX_DOWNLOAD_BYTES) -> int:
         check_id(object_id, "object id")
         received = 0
         for attempt in range(2):
@@ -295,7 +309,7 @@ class HttpPeer:
                     writer.discard()
                     return received
                 resumed = writer.size > 0
-                received += self._stream_into(writer, object_id)
+                received += self._stream_into(writer, object_id, limit)
                 try:
                     store.finish(writer)
                 except HashMismatch:
@@ -307,8 +321,14 @@ class HttpPeer:
                 return received
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stream_into(self, writer: ObjectWriter, object_id: str) -> int:
-        """GET the object's bytes from ``writer.size`` on into ``writer``; body bytes read."""
+    def _stream_into(self, writer: ObjectWriter, object_id: str,
+                     limit: int = MAX_DOWNLOAD_BYTES) -> int:
+        """GET the object's bytes from ``writer.size`` on into ``writer``; body bytes read.
+
+        Raises:
+            PeerError: the peer sent more than ``limit`` bytes in all (the part file is
+                deleted: those bytes cannot be the object).
+        """
         offset = writer.size
         headers = {"Accept": wire.OCTETS}
         if offset:
@@ -333,6 +353,10 @@ class HttpPeer:
                     received = len(response.content)
                     raise wire.error_from_body(status, response.content)
                 for chunk in response.iter_bytes():
+                    if writer.size + len(chunk) > limit:
+                        writer.discard()
+                        raise PeerError(f"{self.url} sent more than the {limit} bytes object "
+                                        f"{object_id} can have; its download was dropped")
                     writer.write(chunk)
                     received += len(chunk)
         finally:

@@ -19,7 +19,7 @@ list, and parallel, resumable object transfers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -57,14 +57,16 @@ class BatchPeer(Peer, Protocol):
     - ``state_unless(root)``: the peer's state, or None when its state root is ``root``.
     - ``reconcile(message)``: answer one range-based reconciliation message.
     - ``fetch_objects(store, ids, progress)``: fetch ``ids`` into ``store`` (verified,
-      resumable, in parallel); returns (objects, bytes) received. ``progress(done, total)``.
+      resumable, in parallel, each cut off past ``limits[id]`` bytes); returns (objects,
+      bytes) received. ``progress(done, total)``.
     - ``put_objects(store, ids, progress)``: send ``ids`` from ``store``; (objects, bytes).
     """
 
     def state_unless(self, root: str) -> PeerState | None: ...
     def reconcile(self, message: bytes) -> bytes: ...
     def fetch_objects(self, store: LocalStore, ids: Sequence[str],
-                      progress: Callable[[int, int], None]) -> tuple[int, int]: ...
+                      progress: Callable[[int, int], None],
+                      limits: Mapping[str, int] | None = None) -> tuple[int, int]: ...
     def put_objects(self, store: LocalStore, ids: Sequence[str],
                     progress: Callable[[int, int], None]) -> tuple[int, int]: ...
 
@@ -165,11 +167,18 @@ class _Difference:
         return self._value
 
 
+#: the most bytes a download of an object whose size no held manifest declares (a manifest,
+#: a lost object) may take; a piece may take exactly what its manifest declares
+MAX_OBJECT_BYTES = 64 << 20
+
+
 def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: SyncStats,
-                   progress: Progress, stage: str) -> None:
+                   progress: Progress, stage: str,
+                   sizes: Mapping[str, int] | None = None) -> None:
     """Fetch the objects of ``ids`` that we lack and the peer holds. Ops staged earlier may
     name objects this peer never had (they came from another peer, and that transfer was
-    cut off): those are left for a peer that has them, not asked for."""
+    cut off): those are left for a peer that has them, not asked for. A download stops
+    past ``sizes[id]`` bytes (or :data:`MAX_OBJECT_BYTES`)."""
     wanted = sorted(replica.store.missing(ids))
     if wanted:
         lacking = peer.missing(wanted)
@@ -177,8 +186,9 @@ def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: Sync
     batch = getattr(peer, "fetch_objects", None)
     if batch is not None:
         if wanted:
+            limits = {o: (sizes or {}).get(o, MAX_OBJECT_BYTES) for o in wanted}
             count, nbytes = batch(replica.store, wanted,
-                                  lambda done, total: progress(stage, done, total))
+                                  lambda done, total: progress(stage, done, total), limits)
             stats.objects_received += count
             stats.bytes_received += nbytes
         return
@@ -220,7 +230,8 @@ def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Differenc
     manifest_ids = manifests_needed(replica.pending(), replica.ops().values())
     _fetch_objects(replica, peer, manifest_ids, stats, progress, "manifests")
     held_manifests = [m for m in manifest_ids if replica.store.has(m)]
-    _fetch_objects(replica, peer, replica.closure(held_manifests), stats, progress, "pieces")
+    _fetch_objects(replica, peer, replica.closure(held_manifests), stats, progress, "pieces",
+                   replica.object_sizes(held_manifests))
     report = replica.commit_staged()
     stats.rejected = {k: f"{v.code}: {v.detail}" for k, v in report.rejected.items()}
     stats.waiting = report.waiting

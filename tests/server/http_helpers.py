@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -143,8 +144,10 @@ class ServerProcess:
     comes from its first line of output."""
 
     def __init__(self, replica_dir: Path, *args: str, port: int = 0,
-                 env: dict[str, str] | None = None, argv: list[str] | None = None) -> None:
+                 env: dict[str, str] | None = None, argv: list[str] | None = None,
+                 ca: str | None = None) -> None:
         self.dir = replica_dir
+        self.ca = ca  # the CA to check an https server's certificate against
         cmd = argv or [PYTHON, "-m", "crdt_merge", "serve", str(replica_dir),
                        "--host", "127.0.0.1", "--port", str(port), *args]
         self.log = replica_dir.parent / f"{replica_dir.name}-server.log"
@@ -164,7 +167,7 @@ class ServerProcess:
         reader.start()
         reader.join(timeout)
         line = box[0] if box else ""
-        if " on http://" not in line:
+        if " on http://" not in line and " on https://" not in line:
             self.stop()
             raise RuntimeError(f"server did not start: {line!r}\n{self.log.read_text()}")
         self.url = line.rsplit(" on ", 1)[1].strip()
@@ -173,7 +176,9 @@ class ServerProcess:
         self._drain.start()
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                verify = ssl.create_default_context(cafile=self.ca) if self.ca else True
+                if httpx.get(self.url + "/healthz", timeout=2,
+                             verify=verify).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

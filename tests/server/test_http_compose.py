@@ -11,6 +11,7 @@ Two settings are changed, for speed: the test profile (4 KiB pieces) and a 1 s s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,8 +42,8 @@ def free_ports(n: int) -> list[int]:
 class Translate:
     """Docker's part: volumes, service names, published ports."""
 
-    def __init__(self, data: Path, ports: dict[str, int]) -> None:
-        self.paths = {"/data": str(data), "/config": str(DOCKER / "config"), "/app": str(REPO)}
+    def __init__(self, data: Path, config: Path, ports: dict[str, int]) -> None:
+        self.paths = {"/data": str(data), "/config": str(config), "/app": str(REPO)}
         self.ports = ports
 
     def arg(self, value: str) -> str:
@@ -76,12 +77,45 @@ def model(path: Path, seed: int) -> Path:
     return path
 
 
+def test_compose_binds_loopback_and_ships_no_tokens():
+    """Finding 7 of issue 13: the published ports listen on 127.0.0.1 only, and no token
+    is committed (the setup service generates them)."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    for name in SITES:
+        for mapping in compose["services"][name]["ports"]:
+            assert mapping.startswith("127.0.0.1:"), mapping
+    assert not (DOCKER / "config").exists()
+    for path in DOCKER.rglob("*"):
+        if path.is_file():  # nothing that looks like a token (64 hex digits)
+            assert not re.search(r"\b[0-9a-f]{64}\b", path.read_text()), path
+
+
+def test_setup_generates_fresh_private_tokens(tmp_path):
+    env = {**os.environ, "PATH": str(Path(PYTHON).parent) + os.pathsep + os.environ["PATH"],
+           "CRDT_MERGE_PROFILE": "test"}
+    made = []
+    for run in ("one", "two"):
+        subprocess.run(["sh", str(DOCKER / "setup.sh"), str(tmp_path / run / "data"),
+                        str(tmp_path / run / "config")], env=env, check=True, timeout=120,
+                       capture_output=True)
+        config = tmp_path / run / "config"
+        lines = [line.split() for line in (config / "tokens").read_text().splitlines()]
+        assert [(site, scope) for site, scope, _ in lines] == [
+            ("alpha", "admin"), ("beta", "contribute"), ("gamma", "contribute")]
+        for site, _, token in lines:
+            assert len(token) == 64 and (config / f"{site}.token").read_text().strip() == token
+            assert (config / f"{site}.token").stat().st_mode & 0o077 == 0
+        made.append({token for _, _, token in lines})
+    assert not made[0] & made[1]  # generated, not shipped
+
+
 def test_compose_commands_converge_on_loopback(tmp_path):
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
     data = tmp_path / "data"
     data.mkdir()
-    t = Translate(data, dict(zip(SITES, free_ports(3), strict=True)))
+    config = tmp_path / "config"  # the compose file's `config` volume
+    t = Translate(data, config, dict(zip(SITES, free_ports(3), strict=True)))
 
     setup = services["setup"]
     env = t.env({**setup.get("environment", {}), "CRDT_MERGE_PROFILE": "test"})
@@ -98,7 +132,7 @@ def test_compose_commands_converge_on_loopback(tmp_path):
             servers.append(ServerProcess(data / name, argv=argv, env=server_env))
         for s in servers:
             s.wait_ready()
-        token = (DOCKER / "config" / "alpha.token").read_text().strip()
+        token = (config / "alpha.token").read_text().strip()
 
         def states() -> list[tuple[str, int]]:
             out = []
