@@ -22,16 +22,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from crdt_merge import codec
+from crdt_merge.dtypes import RECIPE_DTYPES
 from crdt_merge.errors import BadParameter
 from crdt_merge.hashing import is_id
-from crdt_merge.methods import METHODS, Method
-from crdt_merge.methods import cross_family_params as _cross_family  # registers "cross_family"
+from crdt_merge.methods import METHODS, WHOLE_MODEL, Method
 from crdt_merge.methods.params import leaves, parse_scalar
 
 #: recipe parameters resolve itself consumes; the rest go to the method
 RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source", "slices")
 #: the output dtypes a recipe may name (mergekit's spelling) and their safetensors names
-OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+OUT_DTYPES = RECIPE_DTYPES  # the one table: crdt_merge/dtypes.py
 
 
 # -- values -----------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def check_recipe(method: Method, all_params: Mapping[str, Any]) -> tuple[
     if slices is None:
         method.validate_recipe(method_params)
         return method_params, None, []
-    if method.name == _cross_family.NAME:
+    if method.name in WHOLE_MODEL:
         raise BadParameter(f"slices do not apply to {method.name}: it aligns whole models")
     return method_params, slices, _slice_recipes(method, method_params, slices)
 

@@ -120,7 +120,7 @@ class Replica:
 
     @classmethod
     def _init_dir(cls, path: Path, site: str, key: Ed25519PrivateKey, genesis: Op) -> Replica:
-        if not opmod._SITE.fullmatch(site):
+        if not opmod.SITE_NAME.fullmatch(site):
             raise SchemaError(f"site name {site!r}: use 1-64 of [a-z0-9_.-]")
         store = LocalStore.create(path)
         key_path = path / KEY_FILE

@@ -47,10 +47,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from crdt_merge.crdt.ops import SITE_NAME
 from crdt_merge.errors import BadParameter
 
 SCOPES = ("read", "contribute", "admin")
-_SITE = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
 MIN_TOKEN_LENGTH = 16
 
 
@@ -81,7 +81,7 @@ def parse_tokens(text: str, source: str = "token file") -> tuple[Token, ...]:
         if len(parts) != 3:
             raise BadParameter(f"{source}:{number}: write SITE SCOPES TOKEN")
         site, scopes, secret = parts
-        if not _SITE.fullmatch(site):
+        if not SITE_NAME.fullmatch(site):
             raise BadParameter(f"{source}:{number}: {site!r} is not a site name")
         granted: set[str] = set()
         for scope in scopes.split(","):

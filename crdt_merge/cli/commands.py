@@ -487,9 +487,8 @@ def _output_bytes(r: Replica, the_plan: Any) -> int | None:
 
 def checkpoint_of(r: Replica) -> dict[str, Any]:
     """The replica's checkpoint id for its current plan (resolving it once if needed)."""
-    from crdt_merge.resolve import plan, resolve
+    from crdt_merge.resolve import numeric_profile, plan, resolve
     from crdt_merge.resolve.checkpoint_cache import Checkpoints
-    from crdt_merge.resolve.execute import numeric_profile
     try:
         p = plan(r)
     except PlanError as exc:

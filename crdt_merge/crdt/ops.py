@@ -44,7 +44,8 @@ ROLES = ("admin", "member")
 #: protocol profiles: name -> piece size in bytes
 PROFILES = {"v1": 16 * 1024 * 1024, "test": 4096}
 
-_SITE = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
+#: a site name: 1-64 of ``[a-z0-9_.-]``, starting with a letter or digit
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,63}")
 _METHOD = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}")
 _COMMON = {"v", "kind", "site", "clock", "sig"}
@@ -174,7 +175,7 @@ def check_structure(body: Any) -> None:
                    + f", got {sorted(keys)}")
     if not _is_int(body["v"]) or body["v"] != VERSION:
         raise _bad(f"unsupported version {body['v']!r}")
-    if not isinstance(body["site"], str) or not _SITE.fullmatch(body["site"]):
+    if not isinstance(body["site"], str) or not SITE_NAME.fullmatch(body["site"]):
         raise _bad("site must be 1-64 of [a-z0-9_.-], starting with a letter or digit")
     clock = body["clock"]
     if not _is_int(clock) or not 0 <= clock < 2**63:
@@ -198,7 +199,7 @@ def check_structure(body: Any) -> None:
         if not isinstance(sites, dict) or not sites:
             raise _bad("sites must be a non-empty map")
         for name, entry in sites.items():
-            if not _SITE.fullmatch(name):
+            if not SITE_NAME.fullmatch(name):
                 raise _bad(f"site name {name[:40]!r} is not allowed")
             _check_key(entry, f"sites.{name}")
         if clock != 0:
@@ -207,7 +208,7 @@ def check_structure(body: Any) -> None:
         a = body["admit"]
         if not isinstance(a, dict) or set(a) != {"site", "key", "role"}:
             raise _bad("admit must have fields site, key, role")
-        if not isinstance(a["site"], str) or not _SITE.fullmatch(a["site"]):
+        if not isinstance(a["site"], str) or not SITE_NAME.fullmatch(a["site"]):
             raise _bad("admit.site is not an allowed site name")
         _check_key({"key": a["key"], "role": a["role"]}, "admit")
     elif kind == "contribute":

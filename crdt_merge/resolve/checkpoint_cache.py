@@ -18,7 +18,7 @@ from typing import Any
 from crdt_merge.errors import PlanError, RecipeError
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import MergePlan, Resolved, checkpoint_key, execute, plan
-from crdt_merge.resolve.execute import numeric_profile
+from crdt_merge.resolve.profile import numeric_profile
 
 
 @dataclass

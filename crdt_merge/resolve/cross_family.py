@@ -1,12 +1,15 @@
 """The ``cross_family`` resolve method: donors of other architecture families into an anchor.
 
-``plan`` calls :func:`plan_section`, which reads each model's config.json from the store,
+A registered whole-model method (:class:`~crdt_merge.resolve.merge_plan.WholeModel`, the object
+:data:`CROSS_FAMILY`). ``plan`` calls :func:`plan_section`, which reads each model's config.json from the store,
 detects its family, maps the anchor's layers onto each donor's (the depth map), and decides
 per role whether it is merged or keeps the anchor's tensor (compatibility classes, the
 tokenizer policy, 1-D tensors). The result goes into the plan's wire form, so the plan id
 covers it, and into the plan's decisions, so the model card lists it.
 
-``execute`` calls :func:`plan_jobs` and runs :func:`run_job` per anchor tensor: the anchor
+``execute`` calls :func:`plan_jobs` (which takes each model's family from the plan's
+section, by name, rather than detecting it again) and runs :func:`run_job` per anchor
+tensor, in worker processes: the anchor
 tensor is split into its canonical parts (fused tensors), each merged matrix part gets its
 donors' depth-mapped canonical tensors (split out of their own fused tensors) and
 :func:`crdt_merge.families.align.merge_matrix`, and the parts are joined back and rounded
@@ -24,8 +27,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crdt_merge.dtypes import out_dtype
 from crdt_merge.errors import BadParameter, ModelImportError, PlanError
-from crdt_merge.families import Family, detect, parse_name, role_of
+from crdt_merge.families import Family, detect, get_family, parse_name, role_of
 from crdt_merge.families.align import depth_map, merge_matrix
 from crdt_merge.families.canonical import ROLE_ATTRIBUTES
 from crdt_merge.families.fused import join, split
@@ -35,12 +39,21 @@ from crdt_merge.methods.cross_family_params import METHOD, NAME, effective_param
 from crdt_merge.methods.params import resolve_param
 from crdt_merge.numeric import round_to
 from crdt_merge.replica import Replica
-from crdt_merge.resolve.execute import _store, layer_index, write_output
+from crdt_merge.resolve.io import open_store, write_output
+from crdt_merge.resolve.jobs import layer_index
+from crdt_merge.resolve.merge_plan import (
+    Contribution,
+    JobInputs,
+    MergePlan,
+    Section,
+    register_whole_model,
+)
 from crdt_merge.store.importer import read_file
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.tensors import load_tensor, torch_dtype
 
-__all__ = ["ALIGN_VERSION", "NAME", "CrossJob", "plan_jobs", "plan_section", "run_job"]
+__all__ = ["ALIGN_VERSION", "CROSS_FAMILY", "NAME", "CrossJob", "plan_jobs", "plan_section",
+           "run_job"]
 
 #: the version of the formulas in specs/cross-family.md; part of every cross-family plan id
 #: (2: the Gram route, squared noise floor, inverse iteration for the kept vectors)
@@ -76,8 +89,9 @@ class ModelInfo:
         return digest(json.dumps(spec, sort_keys=True, default=sorted).encode())
 
 
-def model_info(replica: Replica, manifest: Manifest) -> ModelInfo:
-    """Detect a stored model's family and map its names (no tensor is read).
+def model_info(replica: Replica, manifest: Manifest, family: Family | None = None) -> ModelInfo:
+    """Detect a stored model's family (or take ``family``, as the plan recorded it) and map
+    its names (no tensor is read).
 
     Raises:
         ModelImportError: no config.json, or no supported family fits the model.
@@ -88,7 +102,8 @@ def model_info(replica: Replica, manifest: Manifest) -> ModelInfo:
         config = json.loads(read_file(replica.store, manifest.files["config.json"]))
     except json.JSONDecodeError as exc:
         raise ModelImportError(f"its config.json is not valid JSON ({exc})") from None
-    family = detect(config, manifest.tensors)
+    if family is None:
+        family = detect(config, manifest.tensors)
     names = family.match_names(manifest.tensors)
     canonical: dict[str, tuple[str, int]] = {}
     for native, (rule, layer) in sorted(names.matched.items()):
@@ -126,22 +141,25 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)
 
 
-def plan_section(replica: Replica, anchor_id: str, contributions: Sequence[Any],
-                 method_params: Mapping[str, Any], tokenizer_source: Any = None,
-                 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[Any]]:
-    """Decide the cross-family merge: ``(wire section, decisions, kept contributions)``.
+def plan_section(replica: Replica, anchor_id: str | None, contributions: Sequence[Contribution],
+                 method_params: Mapping[str, Any], recipe: Mapping[str, Any]) -> Section:
+    """Decide the cross-family merge: the wire section, the decisions and the kept
+    contributions.
 
     Args:
         replica: where the manifests and config files are.
         anchor_id: the anchor's manifest id.
-        contributions: the live contributions in canonical order (``plan.Contribution``).
+        contributions: the live contributions in canonical order.
         method_params: the recipe's method parameters (a preset and overrides).
-        tokenizer_source: the recipe's ``tokenizer_source``, if any.
+        recipe: all the recipe's parameters (``tokenizer_source``, if any).
 
     Raises:
-        PlanError: the anchor's family is unknown.
+        PlanError: no anchor, or the anchor's family is unknown.
         BadParameter: a bad preset or parameter, or a tokenizer policy other than the anchor's.
     """
+    if anchor_id is None:
+        raise PlanError(f"method {NAME} needs a base model: give the recipe an anchor")
+    tokenizer_source = recipe.get("tokenizer_source")
     if tokenizer_source is not None and tokenizer_source not in TOKENIZER_POLICIES:
         raise BadParameter(f"{NAME} keeps the anchor's tokenizer, embeddings and lm_head; "
                            f"tokenizer_source {tokenizer_source!r} is not supported")
@@ -162,7 +180,7 @@ def plan_section(replica: Replica, anchor_id: str, contributions: Sequence[Any],
                    f"matrices of {', '.join(MERGED_ROLES)}"},
     ]
     donors: list[dict[str, Any]] = []
-    kept: list[Any] = []
+    kept: list[Contribution] = []
     for c in contributions:
         if c.form != "full":
             decisions.append({"decision": "excluded", "op_id": c.op_id,
@@ -181,7 +199,7 @@ def plan_section(replica: Replica, anchor_id: str, contributions: Sequence[Any],
                "anchor": {"family": anchor.family.name, "layers": anchor.layers,
                           "data": anchor.data_digest()},
                "donors": donors}
-    return section, decisions, kept
+    return Section(section, decisions, kept)
 
 
 def _layers(layers: Mapping[str, int]) -> str:
@@ -288,26 +306,39 @@ class CrossJob:
     num_layers: int
 
 
-def plan_jobs(plan: Any, replica: Replica, manifests: Mapping[str, Manifest],
-              shards: Mapping[str, tuple[str, int]], piece_size: int,
-              num_layers: int) -> list[CrossJob]:
+def _recorded(replica: Replica, manifest: Manifest, entry: Mapping[str, Any]) -> ModelInfo:
+    """A model's names mapped by the family its plan section records (not detected again).
+
+    Raises:
+        PlanError: that family is unknown here, or its data differs from the plan's.
+    """
+    family = get_family(str(entry["family"]))
+    info = model_info(replica, manifest, family)
+    if info.data_digest() != entry["data"]:
+        raise PlanError(f"{NAME}: the data of family {family.name} differs from the plan's "
+                        "(another crdt-merge version?)")
+    return info
+
+
+def plan_jobs(plan: MergePlan, inputs: JobInputs) -> list[CrossJob]:
     """One job per anchor tensor, with each merged part's donor sources (from the plan's
     cross-family section, so a recorded plan re-executes exactly)."""
-    section = plan.cross_family
-    if not section or section.get("v") != ALIGN_VERSION:
+    section = plan.section
+    if not section or section.get("v") != ALIGN_VERSION or plan.base is None:
         raise PlanError(f"this plan has no {NAME} section of version {ALIGN_VERSION}")
+    replica, manifests, shards = inputs.replica, inputs.manifests, inputs.shards
+    piece_size, num_layers = inputs.piece_size, inputs.num_layers
     anchor_manifest = manifests[plan.base]
-    anchor = model_info(replica, anchor_manifest)
+    anchor = _recorded(replica, anchor_manifest, section["anchor"])
     donors = []
     for c, entry in zip(plan.contributions, section["donors"], strict=True):
-        info = model_info(replica, manifests[c.manifest])
+        info = _recorded(replica, manifests[c.manifest], entry)
         donors.append((c, entry, info, manifests[c.manifest], info.family.dims(info.config)))
     anchor_dims = anchor.family.dims(anchor.config)
     params = dict(section["params"])
     jobs = []
     for name, rec in anchor_manifest.tensors.items():
-        out_dtype = (plan.dtype if plan.dtype and rec.dtype in ("F16", "BF16", "F32", "F64")
-                     else rec.dtype)
+        out = out_dtype(plan.dtype, rec.dtype)
         op = None
         parts: list[Part] = []
         if name in anchor.matched:
@@ -331,7 +362,7 @@ def plan_jobs(plan: Any, replica: Replica, manifests: Mapping[str, Manifest],
                 parts.append(Part(cname, key.role, tuple(sources)))
         path, offset = shards[name]
         jobs.append(CrossJob(name, str(replica.store.root), rec, op, anchor_dims, tuple(parts),
-                             params, plan.params.get("weight"), out_dtype, rec.shape, path,
+                             params, plan.params.get("weight"), out, rec.shape, path,
                              offset, piece_size, num_layers))
     return jobs
 
@@ -380,7 +411,7 @@ def run_job(job: CrossJob) -> tuple[str, list[str]]:
     """Compute one output tensor, write it at its place in the output file, return its
     piece ids. One torch thread: MKL's bits depend on the thread count."""
     torch.set_num_threads(1)
-    store = _store(job.store)
+    store = open_store(job.store)
 
     def load(record: TensorRecord, dtype: torch.dtype | None = None) -> torch.Tensor:
         return load_tensor(store, record, dtype)
@@ -392,3 +423,27 @@ def run_job(job: CrossJob) -> tuple[str, list[str]]:
     else:
         out = load(job.anchor)  # the anchor's own bytes
     return job.name, write_output(out, job.path, job.offset, job.piece_size)
+
+
+@dataclass(frozen=True)
+class _CrossFamily:
+    """The resolve side of ``cross_family`` (:class:`~crdt_merge.resolve.merge_plan.WholeModel`)."""
+
+    name: str = NAME
+    same_shapes: bool = False  # donors of other families have other names and shapes
+    processes: bool = True  # each worker its own torch and LAPACK state
+
+    @property
+    def run_job(self) -> Any:
+        return run_job
+
+    def plan_section(self, replica: Replica, base: str | None,
+                     contributions: Sequence[Contribution], params: Mapping[str, Any],
+                     recipe: Mapping[str, Any]) -> Section:
+        return plan_section(replica, base, contributions, params, recipe)
+
+    def plan_jobs(self, plan: MergePlan, inputs: JobInputs) -> list[CrossJob]:
+        return plan_jobs(plan, inputs)
+
+
+CROSS_FAMILY = register_whole_model(_CrossFamily())

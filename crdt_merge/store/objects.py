@@ -130,7 +130,8 @@ class ObjectFiles:
     def exists(self, object_id: str) -> bool:
         return self.path(object_id).is_file()
 
-    def _tmp_path(self) -> Path:
+    def tmp_path(self) -> Path:
+        """A fresh, unique path in the tmp folder (for a write to rename into place)."""
         return self.tmp / f"{os.getpid()}-{next(_COUNTER)}-{os.urandom(4).hex()}.tmp"
 
     def write(self, data: bytes | memoryview, object_id: str) -> PieceId:
@@ -154,7 +155,7 @@ class ObjectFiles:
             ValueError: more than ``max_size`` bytes arrived.
         """
         target = self.path(object_id)
-        tmp = self._tmp_path()
+        tmp = self.tmp_path()
         hasher = Hasher()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -294,7 +295,7 @@ class ObjectWriter:
             self._fd = self._open_locked()
             self._rehash()
         else:
-            self.path = files._tmp_path()
+            self.path = files.tmp_path()
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
     def _open_locked(self) -> int:

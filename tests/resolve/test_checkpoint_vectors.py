@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from crdt_merge import codec
+from crdt_merge.resolve import MergePlan
 from crdt_merge.resolve.checkpoint import checkpoint_manifest
 from crdt_merge.resolve.output import prepare_files
-from crdt_merge.resolve.plan import MergePlan
 
 HERE = Path(__file__).resolve().parents[2] / "specs" / "vectors" / "checkpoint"
 VECTORS = json.loads((HERE / "checkpoint.json").read_text())

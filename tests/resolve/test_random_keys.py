@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import resolve
-from crdt_merge.resolve.execute import _stream_key
+from crdt_merge.resolve.runner import stream_key
 from tests.resolve.conftest import SHAPES, write_model
 from tests.resolve.test_resolve import anchor, contribute
 
@@ -22,7 +22,7 @@ NAME = "model.layers.0.mlp.up_proj.weight"
 
 
 def test_the_stream_key_vector() -> None:
-    assert _stream_key("my-seed", NAME, "ab" * 32).hex() == \
+    assert stream_key("my-seed", NAME, "ab" * 32).hex() == \
         "f10298d51c468d69820701c887ffd63ddd5e12555e4ada75de7d00f8a5750312"
 
 

@@ -276,7 +276,7 @@ def test_cached_checkpoints_are_keyed_by_numeric_profile() -> None:
     another MKL_CBWR) is not reported as this one's; its profile names MKL's version. An
     exact method's profile (linear) names no BLAS: MKL_CBWR cannot change its bytes."""
     code = ("import json; from crdt_merge.resolve import checkpoint_key; "
-            "from crdt_merge.resolve.execute import numeric_profile; "
+            "from crdt_merge.resolve.profile import numeric_profile; "
             "print(json.dumps([checkpoint_key('ab' * 32, 'cross_family'), "
             "numeric_profile('cross_family'), checkpoint_key('ab' * 32, 'linear'), "
             "numeric_profile('linear')]))")

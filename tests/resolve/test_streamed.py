@@ -5,18 +5,15 @@ and a last piece cut short, and when a model's pieces are not cut at the profile
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from crdt_merge.replica import Replica
-from crdt_merge.resolve import resolve
+from crdt_merge.resolve import io, resolve, runner
 from crdt_merge.store.importer import import_model
 from tests.resolve.conftest import write_model
-
-execute = importlib.import_module("crdt_merge.resolve.execute")  # the package shadows it
 
 # test profile: 4096-byte pieces, so a chunk is 512 elements; these cross many pieces and
 # end inside one
@@ -43,20 +40,20 @@ def _both_ways(replica: Replica, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """Resolve streamed, then with streaming off; assert equal ids and bytes. Returns how
     many jobs streamed and how many fell back to whole tensors."""
     calls = {"streamed": 0, "fallback": 0}
-    real = execute._run_streamed
+    real = runner.stream_merge
 
     def spy(*args, **kwargs):
         try:
             out = real(*args, **kwargs)
-        except execute._Unaligned:
+        except io.Unaligned:
             calls["fallback"] += 1
             raise
         calls["streamed"] += 1
         return out
 
-    monkeypatch.setattr(execute, "_run_streamed", spy)
+    monkeypatch.setattr(runner, "stream_merge", spy)
     streamed = resolve(replica, tmp_path / "streamed", workers=workers)
-    monkeypatch.setattr(execute, "_streamable", lambda *a: False)
+    monkeypatch.setattr(runner, "streamable", lambda *a: False)
     whole = resolve(replica, tmp_path / "whole", workers=workers)
     assert streamed.checkpoint_id == whole.checkpoint_id
     assert _files(streamed.out) == _files(whole.out)
@@ -151,7 +148,7 @@ def test_the_cli_resolves_an_elementwise_merge_without_importing_torch(
     assert done.returncode == 0, done.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "crdt_merge.resolve.execute" in imported  # the report is read right
+    assert "crdt_merge.resolve.runner" in imported  # the report is read right
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -166,17 +163,17 @@ def test_the_piece_buffers_go_when_resolve_ends(replicas, tmp_path: Path,
                  params={"weight": "1"})
     a.set_recipe("linear", {})
     held = []
-    real = execute._scratch
+    real = runner.scratch
 
     def spy(count: int, nbytes: int):
         bufs = real(count, nbytes)
-        held.append(len(execute._SCRATCH.bufs))
+        held.append(io.scratch_held())
         return bufs
 
-    monkeypatch.setattr(execute, "_scratch", spy)
+    monkeypatch.setattr(runner, "scratch", spy)
     resolve(a, tmp_path / "out", workers=1)
     assert held and max(held) >= 2  # buffers were used ...
-    assert getattr(execute._SCRATCH, "bufs", []) == []  # ... and let go
+    assert io.scratch_held() == 0  # ... and let go
 
 
 def test_a_float8_tensor_is_refused_not_copied(replicas, tmp_path: Path) -> None:

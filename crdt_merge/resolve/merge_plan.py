@@ -16,21 +16,29 @@ anchor's. The plan keeps the slices in canonical form, keeps only the contributi
 use (the others are excluded, a recorded decision), and :func:`slice_layout` maps every
 output tensor to its inputs in canonical order: the anchor first, then by contribution op
 id, never by arrival order.
+
+A method registered as whole-model (``register(..., per_tensor=False)`` in
+:mod:`crdt_merge.methods`) decides over whole models, not tensor by tensor: its resolve
+side is a :class:`WholeModel` registered here with :func:`register_whole_model`. It adds a
+section to the plan (hashed into the plan id under the method's name), may exclude or
+keep contributions (recorded decisions), and may expand its own jobs. Nothing in resolve
+names a particular whole-model method; docs/extending.md shows how one plugs in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from crdt_merge import codec
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
+from crdt_merge.dtypes import RECIPE_DTYPES
 from crdt_merge.errors import BadParameter, PlanError, ShapeMismatch
 from crdt_merge.hashing import PlanId, digest
-from crdt_merge.methods import Method, SlicePlan, get_method, plan_slices
-from crdt_merge.methods import cross_family_params as _cross_family  # registers "cross_family"
+from crdt_merge.methods import WHOLE_MODEL, Method, SlicePlan, get_method, plan_slices
 from crdt_merge.numeric import NUMERIC_VERSION
 from crdt_merge.recipe import (  # noqa: F401  (OUT_DTYPES, RESOLVE_PARAMS: re-exported)
     OUT_DTYPES,
@@ -78,10 +86,14 @@ class MergePlan:
     decisions: tuple[Mapping[str, Any], ...]
     recipe_op: str
     state_root: str = field(default="", compare=False)
-    #: the cross_family method's decisions that change bytes (families, depth maps, roles)
-    cross_family: Mapping[str, Any] | None = None
+    #: a whole-model method's decisions that change bytes (for cross_family: families,
+    #: depth maps, roles); in the wire form under the method's name
+    section: Mapping[str, Any] | None = None
     #: the recipe's layer slices in canonical form (:func:`normalize_slices`), or None
     slices: tuple[Mapping[str, Any], ...] | None = None
+    #: where each output tensor of a sliced plan comes from, as :func:`plan` checked it
+    #: (not part of the plan: derived from the slices and the manifests)
+    layout: SliceLayout | None = field(default=None, compare=False, repr=False)
 
     def to_wire(self) -> dict[str, Any]:
         """The canonical plan: what is computed, nothing else. Its hash is the plan id.
@@ -96,8 +108,8 @@ class MergePlan:
             "dtype": self.dtype or "", "seed": self.seed or "",
             "allow_nonfinite": self.allow_nonfinite,
         }
-        if self.cross_family is not None:
-            wire["cross_family"] = dict(self.cross_family)
+        if self.section is not None:
+            wire[self.method] = dict(self.section)
         if self.slices is not None:
             wire["slices"] = [dict(s) for s in self.slices]
         return wire
@@ -117,7 +129,8 @@ class MergePlan:
         slices = wire.get("slices")
         return cls(wire["method"], wire["params"], wire["base"] or None, contributions,
                    wire["dtype"] or None, wire["seed"] or None, bool(wire["allow_nonfinite"]),
-                   tuple(decisions), recipe_op, state_root, wire.get("cross_family"),
+                   tuple(decisions), recipe_op, state_root,
+                   wire.get(wire["method"]) if wire["method"] in WHOLE_MODEL else None,
                    None if slices is None else normalize_slices(slices))
 
     def describe(self) -> dict[str, Any]:
@@ -150,14 +163,19 @@ def slice_roles(the_plan: MergePlan) -> dict[str, int]:
     holds the same model; for one that ignores it (passthrough, linear...), a contribution
     of the anchor's model wins and the anchor is otherwise one more input. A model several
     contributions hold is the first one's, in canonical order."""
+    return _roles(get_method(the_plan.method), the_plan.base, the_plan.contributions)
+
+
+def _roles(method: Method, base: str | None,
+           contributions: Sequence[Contribution]) -> dict[str, int]:
     roles: dict[str, int] = {}
-    uses_base = get_method(the_plan.method).base != "ignored"
-    if the_plan.base and uses_base:
-        roles[the_plan.base] = ANCHOR
-    for i, c in enumerate(the_plan.contributions):
+    uses_base = method.base != "ignored"
+    if base and uses_base:
+        roles[base] = ANCHOR
+    for i, c in enumerate(contributions):
         roles.setdefault(c.manifest, i)
-    if the_plan.base:
-        roles.setdefault(the_plan.base, ANCHOR)
+    if base:
+        roles.setdefault(base, ANCHOR)
     return roles
 
 
@@ -228,8 +246,7 @@ def _sliced_inputs(method: Method, base: str | None, slices: Sequence[Mapping[st
                    decisions: list[dict[str, Any]]) -> list[Contribution]:
     """The kept contributions a sliced recipe uses; checks that every model it names is
     an input, and each slice's inputs against the method (count, parameters, base)."""
-    probe = MergePlan(method.name, {}, base, tuple(kept), None, None, False, (), "")
-    roles = slice_roles(probe)
+    roles = _roles(method, base, kept)
     uses_base = method.base != "ignored"
     used: set[int] = set()
     for k, spec in enumerate(slices):
@@ -314,7 +331,7 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
     allow = all_params.get("allow_nonfinite", False)
     seed = all_params.get("seed")
     method = get_method(recipe.body["method"])
-    cross = method.name == _cross_family.NAME  # donors of other shapes, aligned per tensor
+    whole = whole_model(method.name)
     method_params, slices, merged = check_recipe(method, all_params)
 
     live = opset.live_contributions(ops)
@@ -346,7 +363,8 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
         # with slices, shapes are checked per output tensor (models may differ in depth)
         problem = (_shape_problem(donor, reference)
-                   if reference is not None and not cross and slices is None else None)
+                   if reference is not None and slices is None
+                   and (whole is None or whole.same_shapes) else None)
         if problem:
             decisions.append({"decision": "excluded", "op_id": c.op_id,
                               "detail": f"shape mismatch: {problem}"})
@@ -370,11 +388,10 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
             continue
         kept.append(c)
     section = None
-    if cross and base is not None:
-        from crdt_merge.resolve.cross_family import plan_section
-        section, more, kept = plan_section(replica, base, kept, method_params,
-                                           all_params.get("tokenizer_source"))
-        decisions += more
+    if whole is not None:
+        decided = whole.plan_section(replica, base, tuple(kept), method_params, all_params)
+        section, kept = decided.section, list(decided.kept)
+        decisions += [dict(d) for d in decided.decisions]
     if slices is not None:
         every = [op for op in ops if op.kind == "contribute"]
         kept = _sliced_inputs(method, base, slices, merged, every, kept, decisions)
@@ -384,10 +401,112 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
     else:
         method.validate(method_params, [c.params for c in kept])
     result = MergePlan(method.name, method_params, base, tuple(kept),
-                       OUT_DTYPES[dtype_name] if dtype_name else None,
+                       RECIPE_DTYPES[dtype_name] if dtype_name else None,
                        seed if isinstance(seed, str) else None, allow,
                        tuple(decisions), recipe.id, replica.state_root(), section, slices)
     if slices is not None:  # every range, layer and tensor exists; shapes agree
         ids = {src["model"] for spec in slices for src in spec["sources"]} | {base or ""}
-        slice_layout(result, {m: replica.get_manifest(m) for m in sorted(ids) if m})
+        layout = slice_layout(result, {m: replica.get_manifest(m) for m in sorted(ids) if m})
+        result = dataclasses.replace(result, layout=layout)
     return result
+
+
+# -- whole-model methods ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """What a whole-model method decides when the plan is made.
+
+    Attributes:
+        section: the decisions that change bytes, JSON-able and canonical; the plan's wire
+            form holds it under the method's name, so the plan id covers it (None: none).
+        decisions: recorded decisions (``{"decision", "detail", "op_id"?...}``), which the
+            model card lists; they do not change the plan id.
+        kept: the contributions that take part, a subset of those given, in their order
+            (each one left out needs an ``excluded`` decision naming its op id).
+    """
+
+    section: Mapping[str, Any] | None
+    decisions: Sequence[Mapping[str, Any]] = ()
+    kept: Sequence[Contribution] = ()
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """What an executing plan's job expansion reads: the replica (store, manifests,
+    config files), the input manifests by id, each output tensor's place (file path,
+    absolute offset), the piece size and the model's number of layers."""
+
+    replica: Replica
+    manifests: Mapping[str, Manifest]
+    shards: Mapping[str, tuple[str, int]]
+    piece_size: int
+    num_layers: int
+
+
+class WholeModel(Protocol):
+    """The resolve side of a whole-model method (see the module docstring and
+    docs/extending.md). Register one with :func:`register_whole_model`.
+
+    Attributes:
+        name: the method's registry name (registered in :mod:`crdt_merge.methods` with
+            ``per_tensor=False``).
+        same_shapes: the plan excludes a donor whose tensors differ in name or shape from
+            the base's (False: the method aligns donors of other shapes itself).
+        run_job: the module-level function that computes one job of :meth:`plan_jobs`
+            (picklable: it may run in a worker process); None when the method has no
+            jobs of its own.
+        processes: run :attr:`run_job` in worker processes (each with its own torch and
+            LAPACK state) rather than threads.
+    """
+
+    name: str
+    same_shapes: bool
+    processes: bool
+
+    @property
+    def run_job(self) -> Callable[[Any], tuple[str, list[str]]] | None: ...
+
+    def plan_section(self, replica: Replica, base: str | None,
+                     contributions: Sequence[Contribution], params: Mapping[str, Any],
+                     recipe: Mapping[str, Any]) -> Section:
+        """Decide over whole models: ``contributions`` are the live ones not excluded so
+        far (canonical order), ``params`` the method's recipe parameters, ``recipe`` all of
+        them (``tokenizer_source``...). Reads manifests and config files, never tensors'
+        maths results that depend on the machine."""
+        ...
+
+    def plan_jobs(self, plan: MergePlan, inputs: JobInputs) -> Sequence[Any] | None:
+        """This method's jobs for ``plan`` (each with ``name`` and ``shape``, for
+        :attr:`run_job`), or None: then each output tensor is merged by the per-tensor
+        kernel of the method's :class:`~crdt_merge.methods.Method`, with the kept
+        contributions."""
+        ...
+
+
+_WHOLE_MODEL: dict[str, WholeModel] = {}
+
+
+def register_whole_model(method: WholeModel) -> WholeModel:
+    """Add the resolve side of a whole-model method (see :class:`WholeModel`)."""
+    if method.name not in WHOLE_MODEL:
+        raise ValueError(f"{method.name} is not registered as a whole-model method "
+                         "(crdt_merge.methods.base.register(..., per_tensor=False))")
+    if method.name in _WHOLE_MODEL:
+        raise ValueError(f"whole-model method {method.name} is registered twice")
+    _WHOLE_MODEL[method.name] = method
+    return method
+
+
+def whole_model(name: str) -> WholeModel | None:
+    """The resolve side of a whole-model method, or None for a per-tensor method.
+
+    Raises:
+        PlanError: ``name`` is a whole-model method with no resolve side registered.
+    """
+    if name not in WHOLE_MODEL:
+        return None
+    if name not in _WHOLE_MODEL:
+        raise PlanError(f"method {name} has no resolve side registered (register_whole_model)")
+    return _WHOLE_MODEL[name]
