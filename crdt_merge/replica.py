@@ -320,7 +320,7 @@ class Replica:
         already = sorted({op.id for op in decoded if op.id in held})
         for op in decoded:
             if op.id not in held:
-                self.store.stage_op(op.id, op.data, self.staging)
+                self.stage(op.data)
         report = self.commit_staged()
         report.already = already
         return report

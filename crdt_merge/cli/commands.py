@@ -71,7 +71,7 @@ def open_peer(peer: str, token: str | None = None, ca: str | None = None) -> Any
         except ImportError:
             raise PlanError("syncing with a URL needs the HTTP client (crdt_merge.sync.http)") from None
         return HttpPeer(peer, token=token, ca=ca or os.environ.get("CRDT_MERGE_CA") or None)
-    return LocalPeer(Replica.open(peer))
+    return LocalPeer.open(peer)
 
 
 @contextmanager
@@ -80,9 +80,7 @@ def closing_peer(peer: Any) -> Iterator[Any]:
     try:
         yield peer
     finally:
-        close = getattr(peer, "close", None) or getattr(getattr(peer, "replica", None), "close", None)
-        if close is not None:
-            close()
+        peer.close()
 
 
 def _import(replica: Replica, model: str) -> Imported:

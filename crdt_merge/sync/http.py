@@ -32,7 +32,7 @@ from crdt_merge.hashing import check_id, digest
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.objects import ObjectWriter
 from crdt_merge.sync import wire
-from crdt_merge.sync.protocol import PeerState
+from crdt_merge.sync.protocol import Peer, PeerState
 
 #: the most bytes a download may take when the caller declares no size for the object
 MAX_DOWNLOAD_BYTES = 64 << 20
@@ -58,7 +58,7 @@ def _head_size(first_line: str, headers: httpx.Headers) -> int:
     return len(first_line) + 2 + sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2
 
 
-class HttpPeer:
+class HttpPeer(Peer):
     """A peer reached over HTTP (see the module docstring).
 
     Args:
@@ -107,11 +107,7 @@ class HttpPeer:
         if client is not None and not client.is_closed:
             client.close()
 
-    def __enter__(self) -> HttpPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    reconciles = True
 
     # -- plumbing -------------------------------------------------------------------------------
 

@@ -11,17 +11,17 @@ we lack; commit the staged ops last. Each missing object crosses the wire once; 
 the receiver holds is sent. Push is the mirror image: objects the peer lacks first, ops
 after, so the peer can commit them at once.
 
-A transport may offer more than :class:`Peer` (see :class:`BatchPeer`); the drivers use
-what it offers: a conditional state query (an in-sync check is one round trip), range-based
-reconciliation of the op ids (:mod:`crdt_merge.sync.reconcile`) instead of the whole id
-list, and parallel, resumable object transfers.
+A transport subclasses :class:`Peer` and may override its optional capabilities; the
+drivers always call them (the base class has plain defaults): a conditional state query
+(an in-sync check is one round trip), range-based reconciliation of the op ids
+(:mod:`crdt_merge.sync.reconcile`) instead of the whole id list, and parallel, resumable
+object transfers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt import opset
@@ -39,36 +39,88 @@ class PeerState:
     ops: int
 
 
-class Peer(Protocol):
-    """What the protocol needs from the other side."""
+class Peer:
+    """What the protocol needs from the other side: a transport subclasses this and
+    implements the seven calls; the optional capabilities have plain defaults here, which
+    a transport overrides when it can do better (``HttpPeer``):
 
-    def state(self) -> PeerState: ...
-    def op_ids(self) -> list[str]: ...
-    def get_ops(self, ids: Sequence[str]) -> list[bytes]: ...
-    def missing(self, ids: Sequence[str]) -> set[str]: ...
-    def get_object(self, object_id: str) -> bytes: ...
-    def put_object(self, object_id: str, data: bytes) -> None: ...
-    def put_ops(self, ops: Sequence[bytes]) -> list[str]: ...
-
-
-class BatchPeer(Peer, Protocol):
-    """Optional capabilities; the drivers use each one a transport has (``HttpPeer``).
-
-    - ``state_unless(root)``: the peer's state, or None when its state root is ``root``.
-    - ``reconcile(message)``: answer one range-based reconciliation message.
-    - ``fetch_objects(store, ids, progress)``: fetch ``ids`` into ``store`` (verified,
-      resumable, in parallel, each cut off past ``limits[id]`` bytes); returns (objects,
-      bytes) received. ``progress(done, total)``.
+    - ``state_unless(root)``: the peer's state, or None when its state root is ``root``
+      (over HTTP one conditional request).
+    - ``reconciles`` / ``reconcile(message)``: range-based reconciliation of the op ids
+      instead of the whole id list.
+    - ``fetch_objects(store, ids, progress, limits)``: fetch ``ids`` into ``store``
+      (verified, each cut off past ``limits[id]`` bytes); returns (objects, bytes).
     - ``put_objects(store, ids, progress)``: send ``ids`` from ``store``; (objects, bytes).
+
+    A peer is a context manager; :meth:`close` releases what it holds (connections).
     """
 
-    def state_unless(self, root: str) -> PeerState | None: ...
-    def reconcile(self, message: bytes) -> bytes: ...
+    #: True when :meth:`reconcile` answers reconciliation messages
+    reconciles = False
+
+    def state(self) -> PeerState:
+        raise NotImplementedError
+
+    def op_ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def get_ops(self, ids: Sequence[str]) -> list[bytes]:
+        raise NotImplementedError
+
+    def missing(self, ids: Sequence[str]) -> set[str]:
+        raise NotImplementedError
+
+    def get_object(self, object_id: str) -> bytes:
+        raise NotImplementedError
+
+    def put_object(self, object_id: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_ops(self, ops: Sequence[bytes]) -> list[str]:
+        raise NotImplementedError
+
+    # -- optional capabilities, with their plain defaults ---------------------------------
+
+    def state_unless(self, root: str) -> PeerState | None:
+        state = self.state()
+        return None if state.state_root == root else state
+
+    def reconcile(self, message: bytes) -> bytes:
+        raise NotImplementedError(f"{type(self).__name__} does not reconcile")
+
     def fetch_objects(self, store: LocalStore, ids: Sequence[str],
                       progress: Callable[[int, int], None],
-                      limits: Mapping[str, int] | None = None) -> tuple[int, int]: ...
+                      limits: Mapping[str, int] | None = None) -> tuple[int, int]:
+        nbytes = 0
+        for i, object_id in enumerate(ids):
+            data = self.get_object(object_id)
+            limit = (limits or {}).get(object_id)
+            if limit is not None and len(data) > limit:
+                raise PeerError(f"the peer sent {len(data)} bytes for object {object_id}, "
+                                f"more than the {limit} it can have")
+            store.put(data, expected=object_id)  # verified: HashMismatch if not
+            nbytes += len(data)
+            progress(i + 1, len(ids))
+        return len(ids), nbytes
+
     def put_objects(self, store: LocalStore, ids: Sequence[str],
-                    progress: Callable[[int, int], None]) -> tuple[int, int]: ...
+                    progress: Callable[[int, int], None]) -> tuple[int, int]:
+        nbytes = 0
+        for i, object_id in enumerate(ids):
+            data = store.get(object_id)
+            self.put_object(object_id, data)
+            nbytes += len(data)
+            progress(i + 1, len(ids))
+        return len(ids), nbytes
+
+    def close(self) -> None:
+        """Release what this peer holds (nothing by default)."""
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -137,10 +189,7 @@ def _check_project(replica: Replica, state: PeerState) -> None:
 
 def _state(replica: Replica, peer: Peer) -> PeerState:
     """The peer's state; one conditional request when the transport offers it."""
-    conditional = getattr(peer, "state_unless", None)
-    if conditional is None:
-        return peer.state()
-    state = conditional(replica.state_root())
+    state = peer.state_unless(replica.state_root())
     if state is None:  # same state root, hence the same genesis and op set
         return PeerState(replica.genesis_id, replica.state_root(), len(replica.ops()))
     return state
@@ -157,12 +206,11 @@ class _Difference:
     def get(self) -> tuple[list[str], list[str]]:
         if self._value is None:
             local = self._replica.op_ids()
-            respond = getattr(self._peer, "reconcile", None)
-            if respond is None:
+            if not self._peer.reconciles:
                 remote = self._peer.op_ids()
                 self._value = (ops_to_send(remote, local), ops_to_send(local, remote))
             else:
-                outcome = reconcile.run(local, respond)
+                outcome = reconcile.run(local, self._peer.reconcile)
                 self._value = (outcome.remote_only, outcome.local_only)
         return self._value
 
@@ -183,21 +231,13 @@ def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: Sync
     if wanted:
         lacking = peer.missing(wanted)
         wanted = [o for o in wanted if o not in lacking]
-    batch = getattr(peer, "fetch_objects", None)
-    if batch is not None:
-        if wanted:
-            limits = {o: (sizes or {}).get(o, MAX_OBJECT_BYTES) for o in wanted}
-            count, nbytes = batch(replica.store, wanted,
-                                  lambda done, total: progress(stage, done, total), limits)
-            stats.objects_received += count
-            stats.bytes_received += nbytes
-        return
-    for i, object_id in enumerate(wanted):
-        data = peer.get_object(object_id)
-        replica.store.put(data, expected=object_id)  # verified: HashMismatch if not
-        stats.objects_received += 1
-        stats.bytes_received += len(data)
-        progress(stage, i + 1, len(wanted))
+    if wanted:
+        limits = {o: (sizes or {}).get(o, MAX_OBJECT_BYTES) for o in wanted}
+        count, nbytes = peer.fetch_objects(replica.store, wanted,
+                                           lambda done, total: progress(stage, done, total),
+                                           limits)
+        stats.objects_received += count
+        stats.bytes_received += nbytes
 
 
 def pull(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats:
@@ -258,19 +298,11 @@ def _push(replica: Replica, peer: Peer, state: PeerState, difference: _Differenc
     objects = replica.closure(manifest_ids)
     lacking = peer.missing(objects)
     order = [o for o in objects if o in lacking]
-    batch = getattr(peer, "put_objects", None)
-    if batch is not None and order:
-        count, nbytes = batch(replica.store, order,
-                              lambda done, total: progress("upload", done, total))
+    if order:
+        count, nbytes = peer.put_objects(replica.store, order,
+                                         lambda done, total: progress("upload", done, total))
         stats.objects_sent += count
         stats.bytes_sent += nbytes
-        order = []
-    for i, object_id in enumerate(order):
-        data = replica.store.get(object_id)
-        peer.put_object(object_id, data)
-        stats.objects_sent += 1
-        stats.bytes_sent += len(data)
-        progress("upload", i + 1, len(order))
     peer.put_ops([op.data for op in opset.commit_order(send)])
     stats.ops_sent = len(send)
     return stats

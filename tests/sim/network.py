@@ -24,7 +24,7 @@ from typing import TypeVar
 from crdt_merge.errors import PeerError
 from crdt_merge.replica import Replica
 from crdt_merge.sync import LocalPeer
-from crdt_merge.sync.protocol import PeerState
+from crdt_merge.sync.protocol import Peer, PeerState
 
 T = TypeVar("T")
 
@@ -104,12 +104,10 @@ class SimNetwork:
 
 def receive(replica: Replica, ops: Sequence[bytes]) -> list[str]:
     """What a peer does with a ``put_ops`` request (as :class:`LocalPeer` does)."""
-    for data in ops:
-        replica.stage(data)
-    return replica.commit_staged().committed
+    return replica.receive(ops).committed
 
 
-class SimPeer:
+class SimPeer(Peer):
     """``dst`` as ``src`` reaches it through ``net``: a faulty :class:`LocalPeer`."""
 
     def __init__(self, net: SimNetwork, src: str, dst: Replica) -> None:

@@ -5,11 +5,15 @@ a workload drawn from ``random.Random(seed)``: contributions of tiny float32 mod
 retracts (of a site's own contributions and of other sites', which have no effect),
 concurrent recipe changes (``linear``, or ``task_arithmetic`` with an anchor), pairwise
 ``sync``/``pull``/``push`` through :class:`~tests.sim.network.SimNetwork` (drops,
-duplicates, reorders, delays, partitions and heals). Then the network heals, messages still
+duplicates, reorders, delays, partitions and heals). A keyless relay, drawing from its own
+RNG (so seeds replay their workload as before), stages forged ops at random replicas:
+retracts naming a contribution the victim may not hold yet, and contributions of random
+manifests, each naming a random membership op and signed by a key nobody admitted (issue
+13 finding 4). Then the network heals, messages still
 in flight arrive or are lost, and anti-entropy runs (every pair syncs until nothing moves).
 
-It must end with, on every replica: the same state root; every op any site authored; no op
-left staged; and the same resolve outcome: the same checkpoint id, or the same plan or
+It must end with, on every replica: the same state root; every op any site authored; none
+of the relay's ops committed; no honest op left staged; and the same resolve outcome: the same checkpoint id, or the same plan or
 recipe error (any other error, such as a missing piece, fails the seed).
 
 Every draw comes from the one seeded RNG (keys and nonces included), so a seed replays
@@ -24,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from crdt_merge.crdt import ops as opmod
 from crdt_merge.errors import CrdtMergeError, PeerError, PlanError, RecipeError, UnknownSite
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import resolve
@@ -35,6 +42,8 @@ from .network import HEALED, LOSSY, SimNetwork, SimPeer
 SHAPES = {"layers.0.w": (24, 48), "layers.0.b": (48,), "norm": (4, 4)}  # w: 2 pieces
 WEIGHTS = ["0.5", "1", "1.5", "2", "-1"]
 ANTI_ENTROPY_ROUNDS = 8
+#: the chance, after each step, that the keyless relay stages a forged op somewhere
+RELAY_RATE = 0.15
 
 
 class SimulationFailed(AssertionError):
@@ -98,6 +107,8 @@ class Simulation:
         self.steps = steps if steps is not None else self.rng.randint(20, 40)
         self.sites = [f"s{i}" for i in range(n)]
         self.authored: set[str] = set()
+        self.junk: set[str] = set()  # ops the keyless relay forged: none may ever count
+        self.relay_rng = random.Random(seed ^ 0x5E1A7)
         self.counts: dict[str, int] = {}
         first = Replica.create(workdir / "s0", "s0", name="sim", profile="test",
                                rng=self.rng.randbytes)
@@ -141,6 +152,8 @@ class Simulation:
         for step in range(1, self.steps + 1):
             self.step = step
             self.rng.choices(actions, weights)[0]()
+            if self.relay_rng.random() < RELAY_RATE:  # its own RNG: seeds replay as before
+                self.relay_junk()
         self.step = self.steps + 1
         return self.finish()
 
@@ -217,6 +230,43 @@ class Simulation:
         self.note(f"  ok: ops {stats.ops_received} in, {stats.ops_sent} out; objects "
                   f"{stats.objects_received} in, {stats.objects_sent} out")
 
+    def relay_junk(self) -> None:
+        """The keyless relay stages junk at a replica, as a push of its own would: a
+        retract of a contribution (preferably one the victim does not hold yet) naming a
+        random membership op, or a contribution of a random manifest, signed by a key
+        nobody admitted. It decodes, so it is staged; it must never count nor stop the
+        victim fetching what honest ops need (issue 13 finding 4)."""
+        victim = self.relay_rng.choice(self.sites)
+        r = self.replicas[victim]
+        contributions = sorted({op.id: op for rep in self.replicas.values()
+                                for op in rep.ops().values()
+                                if op.kind == "contribute"}.items())
+        if not contributions:
+            self.note(f"relay junk at {victim}: skipped, no contribution anywhere")
+            return
+        lacking = [op for i, op in contributions if i not in r.ops()]
+        template = self.relay_rng.choice(lacking or [op for _, op in contributions])
+        body = {k: v for k, v in template.body.items() if k != "sig"}
+        body["member"] = self.relay_rng.randbytes(32).hex()
+        if self.relay_rng.random() < 0.6:
+            for key in ("manifest", "form", "params", "label", "family", "base"):
+                body.pop(key, None)
+            body["kind"], body["targets"] = "retract", [template.id]
+            what = f"retract of {template.id[:12]}"
+        else:
+            body["manifest"] = self.relay_rng.randbytes(32).hex()
+            what = "contribution of a random manifest"
+        key = Ed25519PrivateKey.from_private_bytes(self.relay_rng.randbytes(32))
+        forged = opmod.sign(body, key)
+        self.junk.add(forged.id)
+        try:
+            r.receive([forged.data])
+        except CrdtMergeError as exc:  # refused outright: fine as well
+            self.note(f"relay junk at {victim}: refused ({exc.code})")
+            return
+        self.count("relay junk")
+        self.note(f"relay junk at {victim}: {what} -> {forged.id[:12]}")
+
     def partition(self) -> None:
         order = self.sites[:]
         self.rng.shuffle(order)
@@ -268,9 +318,12 @@ class Simulation:
             lost = sorted(self.authored - set(r.op_ids()))
             if lost:
                 raise self.fail(f"{site} lacks authored ops {lost}")
-            staged = [op_id for op_id, _ in r.store.staged_rows()]
+            staged = [op_id for op_id, _ in r.store.staged_rows() if op_id not in self.junk]
             if staged:
                 raise self.fail(f"{site} still has staged ops {staged}")
+            counted = sorted(self.junk & set(r.op_ids()))
+            if counted:
+                raise self.fail(f"{site} committed the relay's junk {counted}")
         resolved = {}
         for site in self.sites:
             try:
