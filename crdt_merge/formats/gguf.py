@@ -18,6 +18,7 @@ gives the same GGUF bytes (specs/formats.md, "GGUF").
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -412,12 +413,27 @@ def export_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
                         "inside it is part of the checkpoint id)")
     tmp = out.with_name(out.name + ".part")
     info = write_gguf(folder, tmp, kind)
-    tmp.replace(out)
+    _durable_replace(tmp, out)  # the bytes durable before the name, the name after
     record = {"file": out.name, "type": kind, "blake3": file_digest(out),
               "size": out.stat().st_size, "tokenizer": info["tokenizer"]}
     receipt = folder / "merge_manifest.json"
     if receipt.is_file():
         data = json.loads(receipt.read_text())
         data["gguf"] = record
-        receipt.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        part = receipt.with_name(receipt.name + ".part")
+        part.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _durable_replace(part, receipt)  # never a torn receipt
     return record
+
+
+def _durable_replace(tmp: Path, target: Path) -> None:
+    """fsync ``tmp``, rename it to ``target``, fsync the directory (that order)."""
+    from crdt_merge.store.objects import fsync_dir
+
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)

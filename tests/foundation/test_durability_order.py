@@ -173,3 +173,21 @@ def test_the_op_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["ops", "export", str(tmp_path / "r"), "--out", str(out)]) == 0
     when, tmp = calls.renames_to(out)
     assert calls.last_fsync(tmp) < when < calls.last_fsync(tmp_path)
+
+
+def test_the_gguf_export(tiny_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGUF beside a checkpoint folder, and the receipt it updates, are written
+    fsync -> rename -> directory fsync, like every other output file."""
+    import json
+    import shutil
+
+    from crdt_merge.formats.gguf import export_gguf
+
+    folder = tmp_path / "out"
+    shutil.copytree(tiny_models.get("llama"), folder)
+    (folder / "merge_manifest.json").write_text(json.dumps({"checkpoint_id": "x"}))
+    calls = Calls(monkeypatch)
+    export_gguf(folder, tmp_path / "out.gguf", "f16")
+    for target in (tmp_path / "out.gguf", folder / "merge_manifest.json"):
+        when, tmp = calls.renames_to(target)
+        assert calls.last_fsync(tmp) < when < calls.last_fsync(target.parent), target.name
