@@ -296,7 +296,7 @@ def _anchor(r: Replica, anchor: str) -> str:
     return _import(r, anchor).manifest_id
 
 
-def check_drafts(r: Replica, drafts: list[Op], force: bool) -> None:
+def check_drafts(r: Replica, drafts: list[Op], force: bool, hint: str = FORCE_HINT) -> None:
     """Refuse ops that the plan would answer with an exclusion or a failure (unless
     ``force``): the plan's own check, run as if the ops were written."""
     if force:
@@ -306,14 +306,14 @@ def check_drafts(r: Replica, drafts: list[Op], force: bool) -> None:
         return  # a recipe before any contribution: nothing to check it against yet
     after, why = _planned(r, drafts)
     if after is None:
-        raise PlanError(f"the plan would fail: {why} {FORCE_HINT}")
+        raise PlanError(f"the plan would fail: {why} {hint}")
     out = _excluded(after)
     if out:
         labels = {op.id: f"{op.site} {op.body['label']!r}" for op in contributions}
         lines = "".join(f"\n  excluded {d['op_id'][:12]} {labels.get(d['op_id'], '')}: "
                         f"{d['detail']}" for d in out)
         raise PlanError(f"the plan would exclude {len(out)} contribution(s); fix them or "
-                        f"retract them {FORCE_HINT}:{lines}")
+                        f"retract them {hint}:{lines}")
 
 
 def cmd_recipe(args: Any) -> tuple[int, Any]:

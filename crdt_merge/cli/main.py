@@ -220,14 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (130 when interrupted, never a traceback for
     Ctrl-C or a closed pipe)."""
     args = _parser().parse_args(argv)
-    extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops}
-    if args.command == "merge":
-        from crdt_merge.cli.merge import cmd_merge as handler
-    else:
-        handler = (extra.get(args.command)
-                   or getattr(commands, "cmd_" + args.command.replace("-", "_")))
-    progress.enable(not args.json)
     try:
+        extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops}
+        if args.command == "merge":
+            from crdt_merge.cli.merge import cmd_merge as handler
+        else:
+            handler = (extra.get(args.command)
+                       or getattr(commands, "cmd_" + args.command.replace("-", "_")))
+        progress.enable(not args.json)
         try:
             code, payload = handler(args)
         except CrdtMergeError as exc:
@@ -277,6 +277,7 @@ def run() -> None:
     exits at once, without waiting for worker threads still finishing a tensor (what is
     on disk is consistent: ops and objects are written atomically)."""
     code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C changes nothing now
     if code in (130, 141):
         try:
             sys.stderr.flush()

@@ -78,7 +78,9 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
     with _replica_for(args.config, args.cache) as r:
         applied = apply_draft(
             r, draft, args.config, commands._import, prune=True,
-            check=lambda rep, drafts: commands.check_drafts(rep, drafts, args.allow_exclusions))
+            check=lambda rep, drafts: commands.check_drafts(
+                rep, drafts, args.allow_exclusions,
+                "(pass --allow-exclusions to merge without them)"))
         notes += applied["notes"]
         for note in notes:
             warn(note)

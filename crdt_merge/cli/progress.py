@@ -12,6 +12,7 @@ Where ``/proc/self/io`` does not exist, the bar shows elapsed time only.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,16 @@ def enable(on: bool) -> None:
 
 def enabled() -> bool:
     return _enabled
+
+
+def _width() -> int:
+    """The terminal's width (80 when it reports none, as a fresh pty does)."""
+    return shutil.get_terminal_size((80, 24)).columns or 80
+
+
+def _rows() -> int:
+    """The terminal's height (24 when it reports none: tqdm would then hide every bar)."""
+    return shutil.get_terminal_size((80, 24)).lines or 24
 
 
 def _io_bytes(field: str) -> int | None:
@@ -54,7 +65,8 @@ def meter(label: str, total: int | None, counter: str = "rchar") -> Iterator[Non
 
     start = _io_bytes(counter)
     bar = tqdm(total=total or None, desc=label, unit="B", unit_scale=True, unit_divisor=1024,
-               file=sys.stderr, leave=True, dynamic_ncols=True)
+               file=sys.stderr, leave=True, ncols=_width(),
+               nrows=_rows())
     stop = threading.Event()
 
     def sample() -> None:
@@ -111,7 +123,7 @@ class SyncBars:
             self.close()
             self._stage = stage
             self._bar = tqdm(total=total, desc=stage, unit="obj", file=sys.stderr,
-                             dynamic_ncols=True)
+                             ncols=_width(), nrows=_rows())
         moved = ((_io_bytes("rchar") or 0) - self._start[0]) + ((_io_bytes("wchar") or 0)
                                                                   - self._start[1])
         self._bar.set_postfix_str(f"{human_size(moved)} moved", refresh=False)

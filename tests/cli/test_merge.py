@@ -1,0 +1,148 @@
+"""``crdt-merge merge CONFIG OUT`` against ``mergekit-yaml`` on the same YAML, including
+configs that carry parameters their method does not use (mergekit ignores them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from crdt_merge.cli.main import main
+from tests.fixtures.tiny_models import make_tiny
+from tests.resolve.test_mergekit_yaml import MERGEKIT_YAML, needs_mergekit, tensors_of
+
+TOLERANCE = 1e-6  # the parity tolerance of tests/methods/test_parity_mergekit.py
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("merge-models")
+    return {name: make_tiny("llama", root / name, seed=seed)
+            for name, seed in (("base", 0), ("m1", 1), ("m2", 2))}
+
+
+def configs(t: dict[str, Path]) -> dict[str, dict]:
+    b, m1, m2 = str(t["base"]), str(t["m1"]), str(t["m2"])
+    return {
+        "ties": {"merge_method": "ties", "base_model": b, "dtype": "float32",
+                 "models": [{"model": m1, "parameters": {"weight": 1.0, "density": 0.6}},
+                            {"model": m2, "parameters": {"weight": 0.5, "density": 0.4}}],
+                 "parameters": {"normalize": True}},
+        "linear": {"merge_method": "linear", "dtype": "float32",
+                   "models": [{"model": m1, "parameters": {"weight": 0.6}},
+                              {"model": m2, "parameters": {"weight": 0.4}}]},
+        # unused parameters: mergekit ignores them, so must we (and say so)
+        "slerp_weight": {"merge_method": "slerp", "base_model": b, "dtype": "float32",
+                         "models": [{"model": b}, {"model": m1, "parameters": {"weight": 0.7}}],
+                         "parameters": {"t": 0.3}},
+        "model_stock_weight": {"merge_method": "model_stock", "base_model": b, "dtype": "float32",
+                               "models": [{"model": m1, "parameters": {"weight": 1.0}},
+                                          {"model": m2, "parameters": {"weight": 0.5}}]},
+        # karcher: the unlisted base is one more input, as in mergekit
+        "karcher_weight": {"merge_method": "karcher", "base_model": b, "dtype": "float32",
+                           "models": [{"model": m1, "parameters": {"weight": 1.0}},
+                                      {"model": m2, "parameters": {"weight": 0.5}}]},
+    }
+
+
+def run(capsys, *args: str) -> tuple[int, dict, str]:
+    code = main(["--json", *args])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if out.out.strip() else {}), out.err
+
+
+@needs_mergekit
+@pytest.mark.mergekit
+@pytest.mark.parametrize("case", ["ties", "linear", "slerp_weight", "model_stock_weight",
+                                  "karcher_weight"])
+def test_merge_gives_mergekit_yamls_tensors(tiny, tmp_path, capsys, monkeypatch, case) -> None:
+    monkeypatch.setenv("CRDT_MERGE_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / f"{case}.yml"
+    config.write_text(yaml.safe_dump(configs(tiny)[case]))
+    proc = subprocess.run([str(MERGEKIT_YAML), str(config), str(tmp_path / "mk"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, done, err = run(capsys, "merge", str(config), str(tmp_path / "ours"), "--workers", "1")
+    assert code == 0, err
+    ours, theirs = tensors_of(tmp_path / "ours"), tensors_of(tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    for name in sorted(theirs):
+        assert ours[name].dtype == theirs[name].dtype == torch.float32, name
+        diff = (ours[name].double() - theirs[name].double()).abs().max().item()
+        assert diff <= TOLERANCE, (case, name, diff)
+    if case.endswith("_weight"):  # the unused weight is reported, once per model
+        assert err.count("weight is not used by") == (1 if case == "slerp_weight" else 2)
+        ignored = [d for d in done["decisions"] if d["decision"] == "params_ignored"]
+        assert ignored and done["excluded"] == []
+    # the checkpoint id is the one the replicated path resolves from the same ops, and the
+    # one verify-folder recomputes from the files alone
+    replica = done["replica"]
+    code, again, _ = run(capsys, "resolve", replica, "--out", str(tmp_path / "replicated"))
+    assert code == 0 and again["checkpoint_id"] == done["checkpoint_id"]
+    code, folder, _ = run(capsys, "verify-folder", str(tmp_path / "ours"))
+    assert code == 0 and json.dumps(folder).count(done["checkpoint_id"]) >= 1
+    # a repeat is instant: nothing written, the same id
+    code, repeat, _ = run(capsys, "merge", str(config), str(tmp_path / "ours"))
+    assert code == 0 and repeat["reused"] and repeat["checkpoint_id"] == done["checkpoint_id"]
+
+
+@needs_mergekit
+@pytest.mark.mergekit
+def test_the_written_mergekit_config_reproduces_the_merge(tiny, tmp_path, capsys,
+                                                         monkeypatch) -> None:
+    monkeypatch.setenv("CRDT_MERGE_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "ties.yml"
+    config.write_text(yaml.safe_dump(configs(tiny)["ties"]))
+    assert run(capsys, "merge", str(config), str(tmp_path / "ours"))[0] == 0
+    card = (tmp_path / "ours" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model_relation"] == "merge" and front["library_name"] == "transformers"
+    assert "merge" in front["tags"] and sorted(front["base_model"]) == ["m1", "m2"]
+    written = yaml.safe_load((tmp_path / "ours" / "mergekit_config.yml").read_text())
+    assert written["merge_method"] == "ties"
+    # point its names at the folders (as the file says) and run mergekit on it
+    names = {"m1": str(tiny["m1"]), "m2": str(tiny["m2"])}
+    for m in written["models"]:
+        m["model"] = names[m["model"]]
+    written["base_model"] = str(tiny["base"])
+    again = tmp_path / "again.yml"
+    again.write_text(yaml.safe_dump(written))
+    proc = subprocess.run([str(MERGEKIT_YAML), str(again), str(tmp_path / "mk"), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = tensors_of(tmp_path / "ours"), tensors_of(tmp_path / "mk")
+    for name in sorted(theirs):
+        assert (ours[name].double() - theirs[name].double()).abs().max().item() <= TOLERANCE
+
+
+def test_merge_fails_on_an_exclusion_unless_told(tiny, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CRDT_MERGE_CACHE", str(tmp_path / "cache"))
+    other = make_tiny("llama", tmp_path / "vocab", seed=3, vocab_size=160)
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(tiny["m1"]), "parameters": {"weight": 0.5}},
+                      {"model": str(other), "parameters": {"weight": 0.5}}]}
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(capsys, "merge", str(config), str(tmp_path / "o"))
+    assert code == 2 and "shape mismatch" in err and "--allow-exclusions" in err
+    assert not (tmp_path / "o").exists()
+    code, done, err = run(capsys, "merge", str(config), str(tmp_path / "o"), "--allow-exclusions")
+    assert code == 0 and len(done["excluded"]) == 1 and "excluded" in err
+
+
+def test_merge_options_of_mergekit(tiny, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CRDT_MERGE_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "linear.yml"
+    config.write_text(yaml.safe_dump(configs(tiny)["linear"]))
+    code = main(["merge", str(config), str(tmp_path / "o"), "--allow-crimes"])
+    assert code == 2 and "cross_family" in capsys.readouterr().err
+    code, done, err = run(capsys, "merge", str(config), str(tmp_path / "o"), "--cuda",
+                          "--lazy-unpickle", "--no-copy-tokenizer", "--out-shard-size", "1K")
+    assert code == 0 and "--cuda changes nothing" in err and "--lazy-unpickle" in err
+    shards = sorted(p.name for p in (tmp_path / "o").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "o" / "model.safetensors.index.json").exists()
+    assert not any((tmp_path / "o" / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
