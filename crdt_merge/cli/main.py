@@ -219,8 +219,8 @@ def _print(payload: Any, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (130 when interrupted, never a traceback for
     Ctrl-C or a closed pipe)."""
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops}
         if args.command == "merge":
             from crdt_merge.cli.merge import cmd_merge as handler

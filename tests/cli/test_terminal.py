@@ -45,7 +45,7 @@ def big_model(folder: Path, mib: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("terminal")
-    return {"a": big_model(root / "a", 96, 1), "b": big_model(root / "b", 96, 2)}
+    return {"a": big_model(root / "a", 64, 1), "b": big_model(root / "b", 64, 2)}
 
 
 def interrupt(args: list[str], delay: float) -> subprocess.CompletedProcess:
