@@ -100,6 +100,15 @@ MERGES: list[tuple[str, float | None, dict[str, str], dict[str, str]]] = [
     ("model_stock", None, {}, {}),
 ]
 
+# --robust (issue 16): (name, method, per-donor weight, recipe params, with the poisoned copy)
+POISON_SCALE = 100.0  # the poisoned copy: base + 100 x the news fine-tune's task vector
+ROBUST: list[tuple[str, str, float | None, dict[str, str], bool]] = [
+    ("median", "median", None, {}, False),
+    ("linear+poison", "linear", 1.0, {}, True),
+    ("median+poison", "median", None, {}, True),
+    ("trimmed_mean+poison", "trimmed_mean", None, {"trim": "1"}, True),
+]
+
 _TAIL_SECTIONS = re.compile(
     r"^==+\s*(See also|References|Notes|Footnotes|Further reading|External links|"
     r"Bibliography|Sources)\s*==+\s*$",
@@ -315,14 +324,37 @@ def cli(*argv: str) -> str:
     return proc.stdout
 
 
+def poisoned_copy(base: Path, tuned: Path, target: Path) -> Path:
+    """``base + POISON_SCALE * (tuned - base)``, float32, with ``tuned``'s other files."""
+    if (target / ".complete").exists():
+        return target
+    from safetensors.torch import load_file, save_file
+
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(tuned, target)
+    for f in sorted(target.glob("*.safetensors")):
+        t = load_file(str(f))
+        b = {}
+        for g in sorted(base.glob("*.safetensors")):
+            b.update(load_file(str(g)))
+        out = {k: (b[k].double() + (v.double() - b[k].double()) * POISON_SCALE).to(v.dtype)
+               if k in b and v.is_floating_point() else v for k, v in t.items()}
+        save_file(out, str(f), metadata={"format": "pt"})
+    (target / ".complete").write_text("poisoned\n")
+    return target
+
+
 def merge(method: str, weight: float | None, donor_params: dict[str, str],
-          recipe_params: dict[str, str], base: Path, donors: list[Path], out: Path) -> dict:
+          recipe_params: dict[str, str], base: Path, donors: list[Path], out: Path,
+          name: str | None = None) -> dict:
     """Merge ``donors`` onto ``base`` with ``method`` through the CLI; returns commands/time."""
-    target = out / "merges" / method
-    info_file = out / "merges" / f"{method}.json"
+    name = name or method
+    target = out / "merges" / name
+    info_file = out / "merges" / f"{name}.json"
     if (target / ".complete").exists() and info_file.exists():
         return json.loads(info_file.read_text())
-    replica = out / "replicas" / method
+    replica = out / "replicas" / name
     for path in (replica, target):
         if path.exists():
             shutil.rmtree(path)
@@ -483,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-total", type=int, default=10000,
                         help="held-out characters scored per domain (about)")
     parser.add_argument("--methods", nargs="*", default=[m[0] for m in MERGES])
+    parser.add_argument("--robust", action="store_true",
+                        help="also median/trimmed_mean with and without a poisoned copy")
     args = parser.parse_args(argv)
 
     from concurrent.futures import ProcessPoolExecutor
@@ -530,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
             results["merges"][method] = info
             models[method] = out / "merges" / method
             log(f"  {info['seconds']} s (init, contribute x2, recipe, resolve)")
+        if args.robust:
+            poison = poisoned_copy(base, tuned["news"], out / "ft-poison")
+            for name, method, weight, recipe_params, poisoned in ROBUST:
+                log(f"merge: {name}")
+                donors = [tuned["news"], tuned["wiki"]] + ([poison] if poisoned else [])
+                info = merge(method, weight, {}, recipe_params, base, donors, out, name=name)
+                results["merges"][name] = info
+                models[name] = out / "merges" / name
+                log(f"  {info['seconds']} s")
 
         scores_dir = out / "scores"
         scores_dir.mkdir(exist_ok=True)
@@ -552,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stats_file = out / "task_vectors.json"
     merged = {name: path for name, path in models.items() if name not in
-              ("base", "ft-news", "ft-wiki")}
+              ("base", "ft-news", "ft-wiki") and "poison" not in name}
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
     if set(stats.get("merge_delta_norm", {})) != set(merged):
         stats = task_vector_stats(base, tuned, merged)
