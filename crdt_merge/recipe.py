@@ -29,7 +29,8 @@ from crdt_merge.methods import METHODS, WHOLE_MODEL, Method
 from crdt_merge.methods.params import leaves, parse_scalar
 
 #: recipe parameters resolve itself consumes; the rest go to the method
-RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source", "slices")
+RESOLVE_PARAMS = ("dtype", "allow_nonfinite", "seed", "tokenizer_source", "slices",
+                  "exclude_outliers", "outlier_report")
 #: the output dtypes a recipe may name (mergekit's spelling) and their safetensors names
 OUT_DTYPES = RECIPE_DTYPES  # the one table: crdt_merge/dtypes.py
 
@@ -237,8 +238,13 @@ def check_recipe(method: Method, all_params: Mapping[str, Any]) -> tuple[
     dtype_name = all_params.get("dtype")
     if dtype_name is not None and dtype_name not in OUT_DTYPES:
         raise BadParameter(f"dtype {dtype_name!r}: use one of {sorted(OUT_DTYPES)}")
-    if not isinstance(all_params.get("allow_nonfinite", False), bool):
-        raise BadParameter("allow_nonfinite must be true or false")
+    for flag in ("allow_nonfinite", "exclude_outliers", "outlier_report"):
+        if not isinstance(all_params.get(flag, False), bool):
+            raise BadParameter(f"{flag} must be true or false")
+    if (all_params.get("exclude_outliers") or all_params.get("outlier_report")) and (
+            "slices" in all_params):
+        raise BadParameter("the outlier report compares whole task vectors; it does not "
+                           "apply to a recipe with slices")
     method_params = {k: v for k, v in all_params.items() if k not in RESOLVE_PARAMS}
     slices = normalize_slices(all_params["slices"]) if "slices" in all_params else None
     if slices is None:

@@ -391,7 +391,21 @@ def cmd_status(args: Any) -> tuple[int, Any]:
         s["checkpoint_id"] = cached.decode() if cached else None
         s["members"] = s.get("members", s["sites"])
         s["text"] = status_text(s, short_ids(r.op_ids()))
+        if the_plan is not None and the_plan.outliers is not None:
+            s["text"] += "\n" + "\n".join(_outlier_status(the_plan, s))
         return 0, s
+
+
+def _outlier_status(the_plan: Any, s: dict[str, Any]) -> list[str]:
+    """The plan's outlier report (specs/methods.md): lines for the text, and ``s``'s
+    ``outliers`` / ``outliers_excluded``."""
+    from crdt_merge.resolve.output import outlier_lines
+
+    s["outliers"] = [dict(e) for e in the_plan.outliers]
+    excluded = [d for d in the_plan.decisions if str(d.get("detail", "")).startswith("outlier")]
+    s["outliers_excluded"] = [d["op_id"] for d in excluded]
+    return outlier_lines(the_plan.to_wire(), {})[1:] + [
+        f"  excluded as outlier: {d['op_id'][:16]}" for d in excluded]
 
 
 def cmd_sync(args: Any) -> tuple[int, Any]:

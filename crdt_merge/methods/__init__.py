@@ -20,6 +20,7 @@ from crdt_merge.methods import (  # noqa: F401  (each module registers its metho
     dare,
     della,
     karcher,
+    krum,
     linear,
     model_stock,
     multislerp,

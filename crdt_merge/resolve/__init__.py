@@ -13,13 +13,18 @@ each one job, import each other in this order only (tests/test_layering.py check
     checkpoint  the checkpoint id of a folder, from its files alone; checking a folder
     executor  execute / resolve / resolve_recorded
     cross_family  the cross_family whole-model method (registers itself)
+    krum      krum / multi_krum, whole-model robust selection (registers itself)
+    (outliers: task-vector statistics and the outlier report, below plan)
 
 This module only re-exports: ``plan``, ``execute`` and ``resolve`` are functions, and no
 submodule has their names (``crdt_merge.resolve.plan`` is the function, from
 ``merge_plan``).
 """
 
-from crdt_merge.resolve import cross_family  # noqa: F401  (registers its whole-model method)
+from crdt_merge.resolve import (
+           cross_family,  # noqa: F401  (registers its whole-model method)
+           krum,  # noqa: F401  (registers krum and multi_krum)
+)
 from crdt_merge.resolve.checkpoint import MANIFEST_FILE, check_folder, checkpoint_manifest
 from crdt_merge.resolve.executor import Resolved, execute, resolve, resolve_recorded
 from crdt_merge.resolve.merge_plan import MergePlan, plan

@@ -28,6 +28,7 @@ names a particular whole-model method; docs/extending.md shows how one plugs in.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,10 +51,13 @@ from crdt_merge.recipe import (  # noqa: F401  (OUT_DTYPES, RESOLVE_PARAMS: re-e
     unused_note,
 )
 from crdt_merge.replica import Replica
+from crdt_merge.resolve import outliers as outliers_mod
 from crdt_merge.store.finite import first_nonfinite
 from crdt_merge.store.manifests import Manifest
 
 PLAN_VERSION = 1
+#: methods whose plans always carry the outlier report (crdt-merge's robust methods)
+REPORTED = frozenset({"median", "trimmed_mean", "clipped", "krum", "multi_krum"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ class MergePlan:
     #: where each output tensor of a sliced plan comes from, as :func:`plan` checked it
     #: (not part of the plan: derived from the slices and the manifests)
     layout: SliceLayout | None = field(default=None, compare=False, repr=False)
+    #: the outlier report (:mod:`crdt_merge.resolve.outliers`), one entry per kept
+    #: contribution before any outlier exclusion; in the wire form (and the model card)
+    outliers: tuple[Mapping[str, Any], ...] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The canonical plan: what is computed, nothing else. Its hash is the plan id.
@@ -112,6 +119,8 @@ class MergePlan:
             wire[self.method] = dict(self.section)
         if self.slices is not None:
             wire["slices"] = [dict(s) for s in self.slices]
+        if self.outliers is not None:
+            wire["outliers"] = [dict(x) for x in self.outliers]
         return wire
 
     @property
@@ -131,7 +140,9 @@ class MergePlan:
                    wire["dtype"] or None, wire["seed"] or None, bool(wire["allow_nonfinite"]),
                    tuple(decisions), recipe_op, state_root,
                    wire.get(wire["method"]) if wire["method"] in WHOLE_MODEL else None,
-                   None if slices is None else normalize_slices(slices))
+                   None if slices is None else normalize_slices(slices),
+                   outliers=None if wire.get("outliers") is None
+                   else tuple(dict(x) for x in wire["outliers"]))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view for people and ``--json``."""
@@ -387,6 +398,17 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
                               "detail": f"bad parameters: {problem}"})
             continue
         kept.append(c)
+    outliers = None
+    wants = all_params.get("exclude_outliers") or all_params.get("outlier_report")
+    if wants and base_manifest is None:
+        raise PlanError("the outlier report needs task vectors, so a base: give the recipe "
+                        "an anchor (`--anchor MODEL`) or contribute with `--base`")
+    if slices is None and base_manifest is not None and kept and (
+            method.name in REPORTED or all_params.get("exclude_outliers")
+            or all_params.get("outlier_report")):
+        outliers, kept = _outlier_decisions(replica, base_manifest, kept, method_params,
+                                            bool(all_params.get("exclude_outliers")),
+                                            decisions)
     section = None
     if whole is not None:
         decided = whole.plan_section(replica, base, tuple(kept), method_params, all_params)
@@ -403,12 +425,42 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
     result = MergePlan(method.name, method_params, base, tuple(kept),
                        RECIPE_DTYPES[dtype_name] if dtype_name else None,
                        seed if isinstance(seed, str) else None, allow,
-                       tuple(decisions), recipe.id, replica.state_root(), section, slices)
+                       tuple(decisions), recipe.id, replica.state_root(), section, slices,
+                       outliers=outliers)
     if slices is not None:  # every range, layer and tensor exists; shapes agree
         ids = {src["model"] for spec in slices for src in spec["sources"]} | {base or ""}
         layout = slice_layout(result, {m: replica.get_manifest(m) for m in sorted(ids) if m})
         result = dataclasses.replace(result, layout=layout)
     return result
+
+
+# -- the outlier report ----------------------------------------------------------------------
+
+
+def _outlier_decisions(replica: Replica, base: Manifest, kept: list[Contribution],
+                       method_params: Mapping[str, Any], exclude: bool,
+                       decisions: list[dict[str, Any]]
+                       ) -> tuple[tuple[dict[str, Any], ...], list[Contribution]]:
+    """The outlier report of the kept contributions; with ``exclude``, the flagged ones
+    are excluded (recorded decisions). ``clipped`` with ``norms: model`` gets each kept
+    contribution's whole-model norm as its ``model_norm`` parameter (so the plan holds
+    it)."""
+    stats = outliers_mod.cached_stats(replica.store, base, [
+        (replica.get_manifest(c.manifest), c.form) for c in kept])
+    entries = outliers_mod.report(stats, [c.op_id for c in kept])
+    out = []
+    for c, entry, i in zip(kept, entries, range(len(kept)), strict=True):
+        if exclude and entry["flags"]:
+            decisions.append({"decision": "excluded", "op_id": c.op_id,
+                              "detail": f"outlier ({', '.join(entry['flags'])}): task-vector "
+                                        f"norm {entry['norm']}, cosine {entry['cosine']} to "
+                                        "the mean of the others (exclude_outliers=true)"})
+            continue
+        if method_params.get("norms") == "model":
+            norm = math.sqrt(max(stats.gram[i][i], 0.0))
+            c = dataclasses.replace(c, params={**c.params, "model_norm": repr(norm)})
+        out.append(c)
+    return tuple(entries), out
 
 
 # -- whole-model methods ---------------------------------------------------------------------

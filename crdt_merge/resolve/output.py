@@ -176,8 +176,27 @@ def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str])
                      f"| {c['form']} | `{json.dumps(c['params'], sort_keys=True)}` |")
     if plan.get("slices"):
         lines += _slice_lines(plan, labels)
+    if plan.get("outliers"):
+        lines += outlier_lines(plan, labels)
     lines.append("")
     return "\n".join(lines)
+
+
+def outlier_lines(plan: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:
+    """The card's (and ``status``'s) table of the outlier report (specs/methods.md)."""
+    names = {c["op_id"]: labels.get(c["op_id"], c["label"]) for c in plan["contributions"]}
+    lines = ["", "## Outlier report (task vectors, whole model)", "",
+             "| op | model | norm | cosine to the others' mean | worst tensor (cosine) "
+             "| flags |", "|---|---|---|---|---|---|"]
+    for e in plan["outliers"]:
+        worst = f"{e['worst_tensor']} ({e['worst_cosine']})" if "worst_tensor" in e else "-"
+        flags = ", ".join(e["flags"]) or "-"
+        lines.append(f"| `{e['op_id'][:16]}` | {names.get(e['op_id'], '(excluded)')} "
+                     f"| {e['norm']} | {e['cosine']} | {worst} | {flags} |")
+    if any(e["flags"] for e in plan["outliers"]):
+        lines += ["", "Flagged: a norm over 3x the median of the others' (norm), or a cosine "
+                  "more than 0.5 below the others' median (direction)."]
+    return lines
 
 
 def _slice_lines(plan: Mapping[str, Any], labels: Mapping[str, str]) -> list[str]:

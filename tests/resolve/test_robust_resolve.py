@@ -1,0 +1,176 @@
+"""Robust merging end to end (issue 16): the outlier report in the plan, status and model
+card, exclude_outliers as a recorded decision, krum/multi_krum, whole-model clipping, and
+the same bytes whatever the order or duplication of the ops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from crdt_merge.cli.main import main
+from crdt_merge.replica import Replica
+from crdt_merge.resolve import merge_plan as planning
+from crdt_merge.resolve import resolve
+from crdt_merge.sync import LocalPeer, sync
+from tests.resolve.conftest import SHAPES, tensors, write_model
+from tests.resolve.test_resolve import anchor, contribute, read
+
+
+def _models(tmp_path: Path, kind: str) -> tuple[Path, list[Path], Path]:
+    """A base, four honest fine-tunes (a shared signal plus their own noise) and one
+    poisoned donor: ``x100`` (its task vector scaled), ``flip`` (negated) or ``noise``
+    (random, of the same norm per tensor)."""
+    base = tensors(0)
+    signal = tensors(100, torch.float64, 0.05)
+    honest = []
+    for i in range(4):
+        noise = tensors(200 + i, torch.float64, 0.01)
+        honest.append({k: (base[k].double() + signal[k] + noise[k]).float() for k in SHAPES})
+    own = {k: signal[k] + tensors(204, torch.float64, 0.01)[k] for k in SHAPES}
+    rand = tensors(300, torch.float64, 1.0)
+    poison = {
+        "x100": {k: base[k].double() + own[k] * 100 for k in SHAPES},
+        "flip": {k: base[k].double() - own[k] for k in SHAPES},
+        "noise": {k: base[k].double() + rand[k] * (own[k].norm() / rand[k].norm())
+                  for k in SHAPES},
+    }[kind]
+    folders = [write_model(tmp_path / f"honest{i}", h) for i, h in enumerate(honest)]
+    bad = write_model(tmp_path / "poisoned", {k: v.float() for k, v in poison.items()})
+    return write_model(tmp_path / "base", base), folders, bad
+
+
+def _one_replica(tmp_path: Path, kind: str, method: str, params: dict, poisoned_at: int = 2):
+    base, honest, bad = _models(tmp_path, kind)
+    r = Replica.create(tmp_path / "r", site="alpha", profile="test")
+    donors = list(honest)
+    donors.insert(poisoned_at, bad)
+    ops = [contribute(r, d, base=base) for d in donors]
+    r.set_recipe(method, params, anchor=anchor(r, base))
+    return r, ops[poisoned_at].id, [op.id for i, op in enumerate(ops) if i != poisoned_at]
+
+
+@pytest.mark.parametrize("kind", ["x100", "flip", "noise"])
+def test_outlier_report_flags_exactly_the_poisoned_donor(tmp_path: Path, kind: str) -> None:
+    r, bad, good = _one_replica(tmp_path, kind, "median", {})
+    p = planning.plan(r)
+    flagged = [e["op_id"] for e in p.outliers if e["flags"]]
+    assert flagged == [bad], p.outliers
+    assert len(p.outliers) == 5 and [c.op_id for c in p.contributions] == sorted([bad, *good])
+    entry = next(e for e in p.outliers if e["op_id"] == bad)
+    assert entry["flags"] == (["norm"] if kind == "x100" else ["direction"])
+    # the report is in the plan's wire form, so the plan id covers it
+    assert p.to_wire()["outliers"] == [dict(e) for e in p.outliers]
+    r.close()
+
+
+def test_exclude_outliers_is_a_recorded_decision_and_matches_leaving_it_out(tmp_path: Path) -> None:
+    r, bad, good = _one_replica(tmp_path, "noise", "trimmed_mean",
+                                {"exclude_outliers": True, "trim": "1"})
+    p = planning.plan(r)
+    assert [c.op_id for c in p.contributions] == sorted(good)
+    (decision,) = [d for d in p.decisions if d["decision"] == "excluded"]
+    assert decision["op_id"] == bad and decision["detail"].startswith("outlier (direction)")
+    out = resolve(r, tmp_path / "out", workers=1)
+    card = (out.out / "README.md").read_text()
+    assert "Outlier report" in card and bad[:16] in card and "direction" in card
+    merged = (out.out / "model.safetensors").read_bytes()
+    # the same merge with the poisoned contribution retracted instead: same tensors
+    r.retract([bad])
+    r.set_recipe("trimmed_mean", {"trim": "1"}, anchor=p.base)
+    again = resolve(r, tmp_path / "again", workers=1)
+    assert (again.out / "model.safetensors").read_bytes() == merged
+    r.close()
+
+
+def test_status_shows_the_outlier_report(tmp_path: Path, capsys) -> None:
+    r, bad, _ = _one_replica(tmp_path, "x100", "linear", {"outlier_report": True, "weight": "1"})
+    path = str(r.path)
+    r.close()
+    capsys.readouterr()
+    assert main(["--json", "status", path]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [e["op_id"] for e in status["outliers"] if e["flags"]] == [bad]
+    assert main(["status", path]) == 0
+    text = capsys.readouterr().out
+    assert "Outlier report" in text and bad[:16] in text and "norm" in text
+
+
+def test_multi_krum_keeps_the_honest_and_krum_one_of_them(tmp_path: Path) -> None:
+    r, bad, good = _one_replica(tmp_path, "noise", "multi_krum", {"f": "1"})
+    p = planning.plan(r)
+    assert [c.op_id for c in p.contributions] == sorted(good)
+    assert p.section["selected"] == sorted(good) and p.section["m"] == 4
+    out = read(resolve(r, tmp_path / "mk", workers=1).out)
+    r.set_recipe("krum", {"f": "1"}, anchor=p.base)
+    p1 = planning.plan(r)
+    assert len(p1.contributions) == 1 and p1.contributions[0].op_id in good
+    # multi_krum's output is the mean of the kept task vectors, in float64, rounded once
+    base = tensors(0)
+    donors = {c.op_id: read(tmp_path / f"honest{i}") for i, c in enumerate(
+        sorted(p.contributions, key=lambda c: good.index(c.op_id)))}
+    for key in SHAPES:
+        b = base[key].double()
+        ref = b + sum((d[key].double() - b for d in donors.values()), torch.zeros_like(b)) / 4
+        assert torch.allclose(out[key].double(), ref, atol=2e-7, rtol=0), key
+    r.close()
+
+
+def test_krum_needs_enough_contributions(tmp_path: Path) -> None:
+    from crdt_merge.errors import PlanError
+
+    r, _, _ = _one_replica(tmp_path, "flip", "krum", {"f": "3"})
+    with pytest.raises(PlanError, match="at least 6"):
+        planning.plan(r)
+    r.close()
+
+
+def test_clipped_with_whole_model_norms_records_them(tmp_path: Path) -> None:
+    r, bad, good = _one_replica(tmp_path, "x100", "clipped",
+                                {"then": "trimmed_mean", "norms": "model"})
+    p = planning.plan(r)
+    norms = {e["op_id"]: float(e["norm"]) for e in p.outliers}
+    for c in p.contributions:
+        assert abs(float(c.params["model_norm"]) / norms[c.op_id] - 1) < 1e-5
+    out = read(resolve(r, tmp_path / "out", workers=1).out)
+    assert set(out) == set(SHAPES)
+    r.close()
+
+
+def _replicas(tmp_path: Path, n: int) -> list[Replica]:
+    a = Replica.create(tmp_path / "s0", site="s0", profile="test")
+    out = [a]
+    for i in range(1, n):
+        x = Replica.join(tmp_path / f"s{i}", site=f"s{i}", genesis=a.genesis_bytes())
+        a.admit(f"s{i}", x.public_key)
+        out.append(x)
+    for x in out[1:]:
+        sync(x, LocalPeer(a))
+    return out
+
+
+@pytest.mark.parametrize("method, params", [("median", {}), ("trimmed_mean", {"trim": "1"}),
+                                            ("multi_krum", {"f": "1", "m": "3"})])
+def test_same_bytes_whatever_the_order_and_duplication_of_ops(tmp_path: Path, method, params) -> None:
+    base, honest, bad = _models(tmp_path, "flip")
+    rs = _replicas(tmp_path, 5)
+    for r, folder in zip(rs, [*honest, bad], strict=True):
+        contribute(r, folder, base=base)
+    rs[0].set_recipe(method, params, anchor=anchor(rs[0], base))
+    # two replicas learn the ops in opposite orders, each op delivered more than once
+    for x in rs[1:]:
+        sync(rs[0], LocalPeer(x))
+    for x in reversed(rs[:4]):
+        sync(rs[4], LocalPeer(x))
+        sync(rs[4], LocalPeer(x))
+    sync(rs[4], LocalPeer(rs[0]))
+    sync(rs[0], LocalPeer(rs[4]))
+    one = resolve(rs[0], tmp_path / "o0", workers=1)
+    two = resolve(rs[4], tmp_path / "o4", workers=2)
+    assert one.checkpoint_id == two.checkpoint_id
+    assert (one.out / "model.safetensors").read_bytes() == \
+        (two.out / "model.safetensors").read_bytes()
+    for r in rs:
+        r.close()
