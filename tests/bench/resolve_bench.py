@@ -4,7 +4,9 @@ Run from the repository root (15 to 25 minutes on 2 cores; about 6 GB free under
 
     .venv/bin/python tests/bench/resolve_bench.py --out /tmp/bench
 
-Optional: ``--methods linear,ties`` (a subset of linear, ties, dare_ties, slerp),
+Optional: ``--methods linear,ties`` (a subset of linear, ties, dare_ties, slerp, median,
+trimmed_mean; the last two are crdt-merge's own, issue 16, timed beside linear: put linear
+first),
 ``--skip-mergekit``, ``--profile import,ties,linear`` (after the measurements, run our
 resolve of those merges once more in one process, ``--workers 1``, under cProfile, and write
 the top functions to ``OUT/profile-METHOD.txt``; ``import`` profiles the first import of the
@@ -398,6 +400,7 @@ class Case:
     wall_limit: float | None = None
     rss_limit: float | None = None  # ours / mergekit peak RSS must be below this
     rss_strict: bool = False  # "below" rather than "at most"
+    in_mergekit: bool = True  # False: crdt-merge's own method, compared with linear instead
 
     def mergekit_yaml(self, paths: dict[str, Path]) -> str:
         lines = [f"merge_method: {self.method}"]
@@ -425,6 +428,13 @@ CASES = {
     "dare_ties": Case("dare_ties", (("ft1", 1.0), ("ft2", 1.0), ("ft3", 1.0)), base="base",
                       params={"density": 0.5}),
     "slerp": Case("slerp", (("ft1", None),), base="base", params={"t": 0.5}),
+    # issue 16: robust methods over the same four inputs as linear (the base contributed as
+    # a fourth donor, so four task vectors), no mergekit equivalent: ratios against linear
+    "median": Case("median", (("base", None), ("ft1", None), ("ft2", None), ("ft3", None)),
+                   base="base", issue=16, in_mergekit=False),
+    "trimmed_mean": Case("trimmed_mean", (("base", None), ("ft1", None), ("ft2", None),
+                                          ("ft3", None)),
+                         base="base", params={"trim": 1}, issue=16, in_mergekit=False),
 }
 
 
@@ -541,7 +551,11 @@ def print_table(res: dict[str, Any]) -> None:
         for method, r in res["resolve"].items():
             o, m = r["ours"], r.get("mergekit")
             if m is None:
-                print(f"  {method:<10} {o['wall_s']:8.1f} {'-':>8}")
+                vs = r.get("vs_linear")
+                extra = (f"  (vs linear: wall {vs['wall']:.2f}x, peak RSS {vs['peak_rss']:.2f}x)"
+                         if vs else "")
+                print(f"  {method:<10} {o['wall_s']:8.1f} {'-':>8}  CPU {o['cpu_s']:.1f} s, "
+                      f"peak RSS {o['peak_rss_mb']:.0f} MB{extra}")
                 continue
             rt = r["ratios"]
             cmp = r.get("compare") or {}
@@ -724,7 +738,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--out", str(ours_out)], work / f"ours-{method}", env)
         entry: dict[str, Any] = {"cli_prepare_s": steps, "ours": ours.to_json(),
                                  "checkpoint_id": json.loads(ours.stdout)["checkpoint_id"]}
-        if mergekit is not None:
+        if not case.in_mergekit and "linear" in res["resolve"]:
+            lin = res["resolve"]["linear"]["ours"]
+            entry["vs_linear"] = {"wall": ours.wall_s / lin["wall_s"],
+                                  "peak_rss": ours.peak_rss_mb / lin["peak_rss_mb"]}
+        if mergekit is not None and case.in_mergekit:
             yml = work / f"{method}.yml"
             yml.write_text(case.mergekit_yaml(paths))
             mk_out = work / f"mergekit-{method}"
