@@ -4,10 +4,11 @@ For sites that do not fully trust each other (issue 16). Over the plan's kept
 contributions (canonical order) and every float tensor of the base, with ``d_i`` the task
 vector of contribution ``i`` (donor minus base; a delta contribution's stored tensor):
 
-* per tensor ``t``: ``G_t[i][j] = fixed_sum(d_i * d_j)`` and
-  ``D_t[i][j] = fixed_sum((d_i - d_j)^2)`` (the fixed tree of specs/methods.md section 3);
+* per tensor ``t``: ``G_t[i][j] = fixed_sum(d_i * d_j)`` (the fixed tree of
+  specs/methods.md section 3);
 * whole model: ``G[i][j] = ((0 + G_t1[i][j]) + G_t2[i][j]) + ...`` over the tensors in
-  ascending name order, likewise ``D``.
+  ascending name order, and the squared distances
+  ``D[i][j] = max((G[i][i] + G[j][j]) - 2 * G[i][j], 0)``.
 
 From these (specs/methods.md, "Outlier report"):
 
@@ -82,14 +83,14 @@ def task_vector_stats(store: Any, base: Manifest, donors: Sequence[tuple[Manifes
         for i in range(n):
             for j in range(i, n):
                 g[i][j] = g[j][i] = _sum(ds[i] * ds[j])
-                if j > i:
-                    diff = torch.sub(ds[i], ds[j])
-                    v = _sum(diff * diff)
-                    dist2[i][j] = dist2[j][i] = dist2[i][j] + v
         for i in range(n):
             for j in range(n):
                 gram[i][j] = gram[i][j] + g[i][j]
         per_tensor[name] = g
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                dist2[i][j] = max((gram[i][i] + gram[j][j]) - 2.0 * gram[i][j], 0.0)
     return Stats(gram, dist2, per_tensor)
 
 
