@@ -57,9 +57,30 @@ def _run(base: Raw | None, donors: Sequence[Raw], out: Raw, reduce_block) -> Non
         round_raw(m[:k], out.dtype, out.values[s:e])
 
 
+def sort_rows(d: np.ndarray) -> None:
+    """Sort each column of ``d`` (donors x elements) in place, ascending; exact.
+
+    An odd-even transposition network of ``minimum``/``maximum`` (k rounds of whole-row
+    operations: far faster than sorting each column of a few values on its own). NaN would
+    spread through the network, so a block holding one is sorted by ``np.sort`` instead
+    (NaN last)."""
+    k = d.shape[0]
+    if k < 2:
+        return
+    if np.isnan(d).any():
+        d.sort(axis=0)
+        return
+    tmp = np.empty_like(d[0])
+    for rnd in range(k):
+        for i in range(rnd % 2, k - 1, 2):
+            np.minimum(d[i], d[i + 1], out=tmp)
+            np.maximum(d[i], d[i + 1], out=d[i + 1])
+            d[i] = tmp
+
+
 def median_of(d: np.ndarray, m: np.ndarray) -> None:
     """The coordinate-wise median of the rows of ``d`` into ``m`` (sorts ``d`` in place)."""
-    d.sort(axis=0)  # exact; equal values (and +-0) are interchangeable below
+    sort_rows(d)  # exact; equal values (and +-0) are interchangeable below
     count = d.shape[0]
     mid = count // 2
     m.fill(0.0)
@@ -92,7 +113,7 @@ def trimmed_of(d: np.ndarray, m: np.ndarray, trim: int, weights: Sequence[float]
     kept = range(trim, count - trim)
     m.fill(0.0)
     if len(set(weights)) <= 1:  # equal weights: the plain mean of the kept values
-        d.sort(axis=0)
+        sort_rows(d)
         for j in kept:
             np.add(m, d[j], out=m)
         np.divide(m, float(len(kept)), out=m)
