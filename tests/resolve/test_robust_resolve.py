@@ -174,3 +174,30 @@ def test_same_bytes_whatever_the_order_and_duplication_of_ops(tmp_path: Path, me
         (two.out / "model.safetensors").read_bytes()
     for r in rs:
         r.close()
+
+
+@pytest.mark.parametrize("method, params", [
+    ("median", []), ("trimmed_mean", ["trim=1"]), ("clipped", ["then=ties", "clip=2"]),
+    ("krum", ["f=1"]), ("multi_krum", ["f=1", "m=3"]), ("sce", ["select_topk=0.5"]),
+    ("nearswap", ["t=0.01"]), ("arcee_fusion", []), ("ram", []), ("ramplus_tl", ["r=0.2"]),
+    ("median", ["exclude_outliers=true"]),
+])
+def test_recipe_accepts_the_new_methods(tmp_path: Path, capsys, method, params) -> None:
+    replica = str(tmp_path / "r")
+    assert main(["init", replica, "--site", "alpha", "--profile", "test"]) == 0
+    args = ["--json", "recipe", replica, "--method", method]
+    for p in params:
+        args += ["--param", p]
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["method"] == method
+
+
+def test_recipe_refuses_bad_robust_parameters(tmp_path: Path, capsys) -> None:
+    replica = str(tmp_path / "r")
+    assert main(["init", replica, "--site", "alpha", "--profile", "test"]) == 0
+    for params, word in ((["then=slerp"], "then"), (["exclude_outliers=maybe"], "exclude_outliers")):
+        capsys.readouterr()
+        args = ["recipe", replica, "--method", "clipped" if "then" in params[0] else "median"]
+        assert main([*args, *(a for p in params for a in ("--param", p))]) == 2
+        assert word in capsys.readouterr().err
