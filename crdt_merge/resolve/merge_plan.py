@@ -404,8 +404,8 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         raise PlanError("the outlier report needs task vectors, so a base: give the recipe "
                         "an anchor (`--anchor MODEL`) or contribute with `--base`")
     if slices is None and base_manifest is not None and kept and (
-            method.name in REPORTED or all_params.get("exclude_outliers")
-            or all_params.get("outlier_report")):
+            (method.name in REPORTED and all_params.get("outlier_report") is not False)
+            or wants or method_params.get("norms") == "model"):
         outliers, kept = _outlier_decisions(replica, base_manifest, kept, method_params,
                                             bool(all_params.get("exclude_outliers")),
                                             decisions)

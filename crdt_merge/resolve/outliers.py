@@ -12,12 +12,15 @@ vector of contribution ``i`` (donor minus base; a delta contribution's stored te
 
 From these (specs/methods.md, "Outlier report"):
 
-* ``norm_i = sqrt(G[i][i])``;
-* ``cos_i``, the cosine of ``d_i`` and the mean of the others' task vectors,
-  ``(sum_{j != i} G[i][j]) / (norm_i * sqrt(sum_{j,k != i} G[j][k]))`` (0 when a norm is
-  0); the same per tensor gives the worst tensor (lowest cosine; ties: the first name);
-* flags (three or more contributions): ``norm`` when ``norm_i > 3 * median_{j != i}
-  norm_j``, ``direction`` when ``cos_i < median_{j != i} cos_j - 0.5``.
+* ``norm_i = sqrt(G[i][i])``; flag ``norm`` (three or more contributions) when
+  ``norm_i > 3 * median_{j != i} norm_j``;
+* ``cos_i``, the cosine of ``d_i`` and the mean of the task vectors of the *peers* ``P``
+  (the contributions not flagged ``norm``), other than ``i`` itself:
+  ``(sum_{j in P, j != i} G[i][j]) / (norm_i * sqrt(sum_{j, k in P, != i} G[j][k]))`` (0 when
+  a norm is 0), so one huge task vector does not become everyone's "mean of the others";
+  the same per tensor gives the worst tensor (lowest cosine; ties: the first name);
+  flag ``direction`` (three or more peers) when ``cos_i < median_{j in P, j != i} cos_j
+  - 0.5``.
 
 Every number is a float64 from correctly rounded operations in a fixed order, so every
 replica computes the same bits; the plan holds them as 6-significant-digit strings.
@@ -94,19 +97,18 @@ def task_vector_stats(store: Any, base: Manifest, donors: Sequence[tuple[Manifes
     return Stats(gram, dist2, per_tensor)
 
 
-def _cosines(g: list[list[float]]) -> list[float]:
+def _cosines(g: list[list[float]], peers: Sequence[int]) -> list[float]:
     n = len(g)
     out = []
     for i in range(n):
+        others = [j for j in peers if j != i]
         dot = 0.0
-        for j in range(n):
-            if j != i:
-                dot = dot + g[i][j]
+        for j in others:
+            dot = dot + g[i][j]
         mm = 0.0
-        for j in range(n):
-            for k in range(n):
-                if j != i and k != i:
-                    mm = mm + g[j][k]
+        for j in others:
+            for k in others:
+                mm = mm + g[j][k]
         ni = math.sqrt(max(g[i][i], 0.0))
         nm = math.sqrt(max(mm, 0.0))
         out.append(0.0 if ni == 0 or nm == 0 else dot / (ni * nm))
@@ -121,22 +123,23 @@ def report(stats: Stats, op_ids: Sequence[str]) -> list[dict[str, Any]]:
     """The outlier report, one entry per contribution (see the module docstring)."""
     n = len(op_ids)
     norms = [math.sqrt(max(stats.gram[i][i], 0.0)) for i in range(n)]
-    cos = _cosines(stats.gram) if n > 1 else [1.0] * n
+    long = [n >= 3 and norms[i] > NORM_FACTOR * median_value(
+        [norms[j] for j in range(n) if j != i]) for i in range(n)]
+    peers = [i for i in range(n) if not long[i]]
+    cos = _cosines(stats.gram, peers) if n > 1 else [1.0] * n
     worst: list[tuple[float, str]] = [(math.inf, "")] * n
     if n > 1:
         for name in sorted(stats.tensors):
-            for i, c in enumerate(_cosines(stats.tensors[name])):
+            for i, c in enumerate(_cosines(stats.tensors[name], peers)):
                 if c < worst[i][0]:
                     worst[i] = (c, name)
     out = []
     for i, op_id in enumerate(op_ids):
-        flags = []
-        if n >= 3:
-            others = [j for j in range(n) if j != i]
-            if norms[i] > NORM_FACTOR * median_value([norms[j] for j in others]):
-                flags.append("norm")
-            if cos[i] < median_value([cos[j] for j in others]) - COSINE_MARGIN:
-                flags.append("direction")
+        flags = ["norm"] if long[i] else []
+        others = [j for j in peers if j != i]
+        if len(peers) >= 3 and i in peers and cos[i] < median_value(
+                [cos[j] for j in others]) - COSINE_MARGIN:
+            flags.append("direction")
         entry = {"op_id": op_id, "norm": _fmt(norms[i]), "cosine": _fmt(cos[i]),
                  "flags": flags}
         if worst[i][1]:

@@ -201,3 +201,24 @@ def test_recipe_refuses_bad_robust_parameters(tmp_path: Path, capsys) -> None:
         args = ["recipe", replica, "--method", "clipped" if "then" in params[0] else "median"]
         assert main([*args, *(a for p in params for a in ("--param", p))]) == 2
         assert word in capsys.readouterr().err
+
+
+def test_a_scaled_copy_of_one_donor_among_three_flags_only_the_copy(tmp_path: Path) -> None:
+    """Two honest fine-tunes of different tasks (nearly orthogonal) and base + 100 x the
+    first one's task vector: the copy is flagged for its norm, and it does not count as a
+    peer for the cosines, so the second honest one is not flagged for its direction."""
+    base = tensors(0)
+    d1, d2 = tensors(400, torch.float64, 0.02), tensors(401, torch.float64, 0.02)
+    folders = [write_model(tmp_path / "ft1", {k: (base[k].double() + d1[k]).float() for k in SHAPES}),
+               write_model(tmp_path / "ft2", {k: (base[k].double() + d2[k]).float() for k in SHAPES}),
+               write_model(tmp_path / "copy", {k: (base[k].double() + 100 * d1[k]).float()
+                                               for k in SHAPES})]
+    b = write_model(tmp_path / "base", base)
+    r = Replica.create(tmp_path / "r", site="alpha", profile="test")
+    ops = [contribute(r, f, base=b) for f in folders]
+    r.set_recipe("median", {}, anchor=anchor(r, b))
+    report = {e["op_id"]: e["flags"] for e in planning.plan(r).outliers}
+    assert report == {ops[0].id: [], ops[1].id: [], ops[2].id: ["norm"]}
+    r.set_recipe("median", {"outlier_report": False}, anchor=anchor(r, b))
+    assert planning.plan(r).outliers is None
+    r.close()
