@@ -69,7 +69,7 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
         if on:
             notes.append(f"{flag} changes nothing here: the merge runs on the CPU in float64 "
                          "and reads safetensors lazily anyway")
-    draft = load(args.config)
+    draft = load(args.config, own_methods=True)
     shard = 5 * 1024**3
     if args.out_shard_size is not None:
         params_per_shard = commands._size_arg(args.out_shard_size, "--out-shard-size", count=True)

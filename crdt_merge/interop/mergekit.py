@@ -87,8 +87,8 @@ def model_ref(entry: Any, where: str) -> str:
     return model
 
 
-def load(path: str | Path) -> Draft:
-    """Read a mergekit YAML file and :func:`translate` it.
+def load(path: str | Path, *, own_methods: bool = False) -> Draft:
+    """Read a mergekit YAML file and :func:`translate` it (``own_methods``: as there).
 
     Raises:
         BadParameter: not a mergekit config (missing or malformed fields).
@@ -98,23 +98,26 @@ def load(path: str | Path) -> Draft:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise BadParameter(f"{path}: cannot read the mergekit config ({exc})") from None
-    return translate(config, str(path))
+    return translate(config, str(path), own_methods=own_methods)
 
 
-def translate(config: Any, where: str = "config") -> Draft:
+def translate(config: Any, where: str = "config", *, own_methods: bool = False) -> Draft:
     """A parsed mergekit config as a :class:`Draft` (see the module docstring).
+
+    ``own_methods``: accept crdt-merge's robust methods (``crdt-merge merge`` reads the
+    same YAML and takes every registered method); a mergekit file proper
+    (``recipe --from-mergekit``) cannot name them, since mergekit has none.
 
     Raises:
         BadParameter: malformed fields, an unknown method, a bad parameter value.
         Unsupported: a mergekit feature not supported yet.
     """
     _check_form(config, where)
-    if config["merge_method"] in NOT_IN_MERGEKIT:
+    if config["merge_method"] in NOT_IN_MERGEKIT and not own_methods:
         raise Unsupported(
             f"{where}: merge_method {config['merge_method']!r} is crdt-merge's own (mergekit has "
-            "no such method), so a mergekit file cannot ask for it; import the models with "
-            f"`--method linear` or similar, then `crdt-merge recipe --method "
-            f"{config['merge_method']}`")
+            "no such method), so a mergekit config cannot ask for it; use `crdt-merge merge` "
+            f"with this file, or `crdt-merge recipe --method {config['merge_method']}`")
     method = get_method(config["merge_method"])
     notes: list[str] = []
     recipe_params = canon_numbers(dict(config.get("parameters") or {}))

@@ -222,3 +222,26 @@ def test_a_scaled_copy_of_one_donor_among_three_flags_only_the_copy(tmp_path: Pa
     r.set_recipe("median", {"outlier_report": False}, anchor=anchor(r, b))
     assert planning.plan(r).outliers is None
     r.close()
+
+
+def test_merge_command_takes_a_robust_method_that_from_mergekit_refuses(tmp_path: Path,
+                                                                         capsys) -> None:
+    import yaml
+
+    base, honest, bad = _models(tmp_path, "flip")
+    config = {"merge_method": "trimmed_mean", "base_model": str(base),
+              "models": [{"model": str(m)} for m in [*honest, bad]],
+              "parameters": {"trim": 1}}
+    path = tmp_path / "robust.yml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["--json", "merge", str(path), str(tmp_path / "out")]) == 0, \
+        capsys.readouterr().err
+    merged = read(tmp_path / "out")
+    assert set(merged) == set(SHAPES)
+    # the same file through recipe --from-mergekit: refused by name, nothing written
+    replica = str(tmp_path / "r")
+    assert main(["init", replica, "--site", "alpha", "--profile", "test"]) == 0
+    capsys.readouterr()
+    assert main(["recipe", replica, "--from-mergekit", str(path)]) == 2
+    assert "'trimmed_mean' is crdt-merge's own" in capsys.readouterr().err
