@@ -21,6 +21,11 @@ The tree::
     │   ├── WrongProject                an op or peer of another genesis
     │   ├── UnknownSite                 an op whose membership reference is not held
     │   ├── NotAuthorized (PermissionError)  a non-admin admitting a site
+    │   │   ├── SiteTaken                a second admit of a name a live member holds
+    │   │   ├── LastAdmin                a revoke that would leave no live admin
+    │   │   └── Revoked                  authoring with a key that was revoked or replaced
+    │   ├── BadClock                    a clock that is not 1 + the greatest clock of its deps
+    │   ├── DependencyMissing           an op whose deps are not all held (it waits)
     │   ├── OpMissing (LookupError)     an op id this replica does not hold
     │   └── IncompleteOp                an op whose objects are not all present
     ├── RecipeError (ValueError)
@@ -204,6 +209,26 @@ class UnknownSite(OpError):
 
 class NotAuthorized(OpError, PermissionError):
     code = "not_authorized"
+
+
+class SiteTaken(NotAuthorized):
+    code = "site_taken"
+
+
+class LastAdmin(NotAuthorized):
+    code = "last_admin"
+
+
+class Revoked(NotAuthorized):
+    code = "revoked"
+
+
+class BadClock(OpError):
+    code = "bad_clock"
+
+
+class DependencyMissing(OpError):
+    code = "dependency_missing"
 
 
 class OpMissing(OpError, LookupError):

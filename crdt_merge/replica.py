@@ -10,9 +10,11 @@ This is the public Python API over the store and the CRDT::
     assert r.state_root() == b.state_root()
 
 Ops enter the set only through :meth:`stage` and :meth:`commit_staged` (or :meth:`apply`,
-both at once): an op joins the set when its membership op is held, its signature verifies,
-and every object it references is held and verified, except a contribute op that its own
-site has retracted, which needs no objects.
+both at once): an op joins the set when the ops it references (deps, membership op) are
+held, it is valid (specs/formats.md section 6), and every object it references is held and
+verified, except a contribute op that its own member has retracted, which needs no objects.
+Whether a held op *counts* (its author's key was not revoked before it) is decided by
+:func:`crdt_merge.crdt.opset.membership`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +35,20 @@ from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import (
     CrdtMergeError,
+    DependencyMissing,
     IncompleteOp,
     NonCanonicalEncoding,
     NotAReplica,
     OpMissing,
     PieceCorrupt,
     PieceMissing,
+    Revoked,
     SchemaError,
+    SiteTaken,
     UnknownSite,
     WrongProject,
 )
-from crdt_merge.hashing import ManifestId, OpId, StateRoot, check_id
+from crdt_merge.hashing import ManifestId, OpId, StateRoot, check_id, digest
 from crdt_merge.store import manifests
 from crdt_merge.store.local import LocalStore, StagingLimits
 from crdt_merge.store.manifests import Manifest
@@ -50,6 +56,11 @@ from crdt_merge.store.manifests import Manifest
 KEY_FILE = "site.key"
 #: seconds an object no op references is kept before gc deletes it (one day)
 GC_GRACE = 24 * 3600.0
+
+
+def fingerprint(public_key: bytes) -> str:
+    """A short, stable name for a public key: the first 16 hex digits of its BLAKE3."""
+    return digest(public_key)[:16]
 
 
 @dataclass
@@ -169,16 +180,36 @@ class Replica:
         return data
 
     def membership(self) -> Op:
-        """The held membership op that declares this site's key (genesis first)."""
+        """The held membership op that declares this site's key as a live member.
+
+        Raises:
+            UnknownSite: no held op declares it; Revoked: it was revoked or replaced.
+        """
         pub = self.public_key
-        found = [op for op in self.ops().values()
-                 if op.kind in ("genesis", "admit") and (op.site_key(self.site) or (b"",))[0] == pub]
-        if not found:
+        state = opset.membership(self.ops().values())
+        mine = sorted((info for info in state.members.values()
+                       if info.member[1] == self.site and info.key == pub),
+                      key=lambda info: (info.state != "live", info.role != "admin", info.member))
+        if not mine:
             raise UnknownSite(f"site {self.site!r} is not admitted to this project yet; an admin "
                               f"runs `crdt-merge admit DIR {self.site} {pub.hex()}` and syncs")
-        found.sort(key=lambda op: (op.kind != "genesis", op.body["admit"]["role"] != "admin"
-                                   if op.kind == "admit" else False, op.id))
-        return found[0]
+        if mine[0].state != "live":
+            raise Revoked(f"this replica's key for site {self.site!r} was {mine[0].state} by op "
+                          f"{mine[0].ended_by}; ops it signs count nowhere. Ask an admin to "
+                          f"admit a new key (`crdt-merge rotate-key`)")
+        op = self.get_op(mine[0].member[0])
+        assert op is not None
+        return op
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every member declared by a counted membership op: site, key fingerprint, role and
+        state (live / revoked / replaced), by site then membership op id."""
+        state = opset.membership(self.ops().values())
+        return [{"site": info.member[1], "member": info.member[0],
+                 "key": info.key.hex(), "fingerprint": fingerprint(info.key),
+                 "role": info.role, "state": info.state, "ended_by": info.ended_by}
+                for info in sorted(state.members.values(),
+                                   key=lambda i: (i.member[1], i.member[0]))]
 
     # -- the op set -------------------------------------------------------------------------
 
@@ -292,16 +323,33 @@ class Replica:
         return self.store.index.staged_count()
 
     def pending(self) -> list[Op]:
-        """Staged ops that verify now (held membership op, signature): they wait only for
-        objects. Only these decide what is fetched: an op nobody can verify decides nothing."""
-        out = []
-        for op in self.staged():
+        """Staged ops that verify now: valid (formats.md section 6) given the held ops and
+        the other staged ops that verify (in ``(clock, op id)`` order, so a batch of ops
+        that depend on each other verifies at once); they wait only for objects. Only these
+        decide what is fetched: an op nobody can verify decides nothing."""
+        return list(self._verify_staged(self.staged(), None).values())
+
+    def _verify_staged(self, staged: Iterable[Op], report: CommitReport | None
+                       ) -> dict[str, Op]:
+        """The staged ops valid given the held ops and each other, by id. With ``report``,
+        the ones that can never be valid are unstaged and reported as rejected."""
+        held = self.ops()
+        valid: dict[str, Op] = {}
+        view = ChainMap(valid, held).get  # type: ignore[arg-type]
+        for op in opset.topological(staged):
+            if any(view(r) is None for r in opmod.references(op)):
+                continue  # waits for its deps or membership op
             try:
-                opmod.verify(op, self.genesis_id, self.get_op)
-            except CrdtMergeError:
+                opmod.verify(op, self.genesis_id, view)
+            except DependencyMissing:
                 continue
-            out.append(op)
-        return out
+            except CrdtMergeError as exc:
+                if report is not None:
+                    self.store.unstage_op(op.id)
+                    report.rejected[op.id] = exc
+                continue
+            valid[op.id] = op
+        return valid
 
     def receive(self, ops: Iterable[bytes]) -> CommitReport:
         """Take in ops from elsewhere (a push, a pull, a filesystem peer): every op is
@@ -341,34 +389,37 @@ class Replica:
         return out
 
     def commit_staged(self) -> CommitReport:
-        """Commit every staged op whose membership op and objects are held; drop the
-        ones that can never be valid (bad signature, unknown site, not a manifest)."""
+        """Commit every staged op that is valid and whose references and objects are held;
+        drop the ones that can never be valid (bad signature, bad clock, not a manifest).
+
+        Validity is checked first for the staged ops whose references are held or are
+        themselves valid staged ops; then they are committed in ``(clock, op id)`` order when
+        their objects are held. A contribution that a valid retract by its own member (held
+        or among those staged ops) retracts joins without its objects, although that retract
+        names it in its causal past and so can only join after it.
+        """
         report = CommitReport()
         with self._lock:
             pending = {op.id: op for op in self.staged()}
             progress = True
             while progress and pending:
                 progress = False
-                retracts = opset.retracts_by_target(self.ops().values())
-                for op in opset.commit_order(pending.values()):
-                    if op.member is not None and op.member not in self.ops():
-                        if op.member in pending:
-                            continue
+                held = self.ops()
+                valid = self._verify_staged(pending.values(), report)
+                for op_id in report.rejected:
+                    pending.pop(op_id, None)
+                retracts = opset.retracts_by_target([*held.values(), *valid.values()])
+                for op in opset.topological(valid.values()):
+                    if any(r not in self.ops() for r in opmod.references(op)):
+                        continue  # a reference still waits for its objects
                     try:
-                        opmod.verify(op, self.genesis_id, self.get_op)
                         needed = self.objects_needed(op, retracts)
-                        missing = self.store.missing(needed)
-                        if missing:
+                        if self.store.missing(needed):
                             continue
                         objects = self.closure(needed)
                         self.store.insert_op(op.id, op.kind, op.site, op.clock, op.data, objects)
                     except (IncompleteOp, PieceCorrupt):
                         continue  # objects still arriving, or lost and wanted again
-                    except UnknownSite as exc:
-                        if op.member in pending or op.member not in self.ops():
-                            continue  # its membership op may still arrive
-                        self.store.unstage_op(op.id)
-                        report.rejected[op.id] = exc
                     except CrdtMergeError as exc:
                         self.store.unstage_op(op.id)
                         report.rejected[op.id] = exc
@@ -392,6 +443,10 @@ class Replica:
             if op.member not in self.ops():
                 raise UnknownSite(f"op {op.id} relies on membership op {op.member}, "
                                   "which this replica does not hold")
+            absent = [r for r in opmod.references(op) if r not in self.ops()]
+            if absent:
+                raise DependencyMissing(f"op {op.id} names op {absent[0]} in its deps, which "
+                                        "this replica does not hold")
             missing = self.store.missing(self.objects_needed(op))
             if not missing:
                 missing = self.store.missing(self.closure(self.objects_needed(op)))
@@ -400,23 +455,68 @@ class Replica:
 
     # -- authoring ------------------------------------------------------------------------
 
-    def _author(self, kind: str, fields: Mapping[str, Any], draft: bool = False) -> Op:
+    def new_body(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """The unsigned body of a new op by this site: its live membership op, the heads of
+        the held ops as deps, and the clock they give."""
         member = self.membership()
-        body = {"v": opmod.VERSION, "kind": kind, "site": self.site,
-                "clock": opset.next_clock(self.ops().values()),
+        ops = list(self.ops().values())
+        return {"v": opmod.VERSION, "kind": kind, "site": self.site,
+                "clock": opset.next_clock(ops), "deps": opset.heads(ops),
                 "project": self.genesis_id, "member": member.id, **fields}
-        op = opmod.sign(body, self.key)
+
+    def _author(self, kind: str, fields: Mapping[str, Any], draft: bool = False) -> Op:
+        op = opmod.sign(self.new_body(kind, **fields), self.key)
         if not draft:
             self.apply(op.data)
         return op
 
     def admit(self, site: str, public_key: bytes, role: str = "member") -> Op:
+        """Admit a new member. Refused (:class:`SiteTaken`) while a live member holds the
+        site name: revoke it first, or :meth:`rotate_key`."""
+        if not opmod._SITE.fullmatch(site):
+            raise SchemaError(f"site name {site!r}: use 1-64 of [a-z0-9_.-]")
+        live = [m for m in self.members() if m["site"] == site and m["state"] == "live"]
+        if live:
+            raise SiteTaken(f"site {site!r} is already a live member (key {live[0]['fingerprint']}, "
+                            f"op {live[0]['member']}); revoke it first (`crdt-merge revoke`) or "
+                            "give it a new key (`crdt-merge rotate-key`)")
         return self._author("admit", {"admit": {"site": site, "key": bytes(public_key),
                                                 "role": role}})
 
+    def _live_member(self, site: str, member: str | None) -> dict[str, Any]:
+        live = [m for m in self.members() if m["site"] == site and m["state"] == "live"
+                and (member is None or m["member"] == member)]
+        if not live:
+            raise UnknownSite(f"no live member holds site {site!r}"
+                              + (f" with membership op {member}" if member else ""))
+        if len(live) > 1:
+            raise SchemaError(f"site {site!r} is held by {len(live)} live members (concurrent "
+                              "admits): name one with --member: "
+                              + ", ".join(f"{m['member']} (key {m['fingerprint']})" for m in live))
+        return live[0]
+
+    def revoke(self, site: str, member: str | None = None) -> Op:
+        """Revoke the live member holding ``site`` (``member``: its membership op id, needed
+        when concurrent admits gave the name to more than one key). Admins only; never the
+        last live admin."""
+        target = self._live_member(site, member)
+        return self._author("revoke", {"revoke": {"member": target["member"], "site": site}})
+
+    def rotate_key(self, site: str, public_key: bytes, *, role: str | None = None,
+                   member: str | None = None) -> Op:
+        """Admit ``public_key`` for ``site`` in place of its live member's key, which is
+        revoked at that point (its ops so far still count). Admins only."""
+        old = self._live_member(site, member)
+        if old["key"] == bytes(public_key).hex():
+            raise SchemaError(f"that is already the key of {site!r}: rotate to a new key")
+        return self._author("admit", {"admit": {"site": site, "key": bytes(public_key),
+                                                "role": role or old["role"]},
+                                      "replaces": old["member"]})
+
     def contribute(self, manifest_id: str, *, form: str = "full", base: str | None = None,
                    params: Mapping[str, Any] | None = None, label: str = "",
-                   family: str = "", draft: bool = False) -> Op:
+                   family: str = "", provenance: Mapping[str, Any] | None = None,
+                   draft: bool = False) -> Op:
         """Author a contribution; with ``draft``, only return the signed op (not applied),
         so it can be planned before it is written."""
         fields: dict[str, Any] = {"manifest": check_id(manifest_id, "manifest id"),
@@ -424,6 +524,8 @@ class Replica:
                                   "label": label, "family": family}
         if base is not None:
             fields["base"] = check_id(base, "base manifest id")
+        if provenance is not None:
+            fields["provenance"] = dict(provenance)
         return self._author("contribute", fields, draft)
 
     def retract(self, op_ids: Iterable[str], draft: bool = False) -> Op:
@@ -437,16 +539,11 @@ class Replica:
         return self._author("retract", {"targets": targets}, draft)
 
     def set_recipe(self, method: str, params: Mapping[str, Any] | None = None, *,
-                   anchor: str | None = None, supersedes: Iterable[str] | None = None,
-                   draft: bool = False) -> Op:
-        """Author a recipe. By default it supersedes every recipe now unsuperseded, which
-        resolves a conflict. With ``draft``, only return the signed op (not applied)."""
-        if supersedes is None:
-            state = opset.recipe_state(self.ops().values())
-            heads = ([state.winner] if state.winner else []) + list(state.conflicts)
-            supersedes = [op.id for op in heads]
-        fields: dict[str, Any] = {"method": method, "params": dict(params or {}),
-                                  "supersedes": sorted(set(supersedes))}
+                   anchor: str | None = None, draft: bool = False) -> Op:
+        """Author a recipe. It supersedes every recipe in its causal past: every recipe this
+        replica holds, which resolves a conflict. With ``draft``, only return the signed op
+        (not applied)."""
+        fields: dict[str, Any] = {"method": method, "params": dict(params or {})}
         if anchor is not None:
             fields["anchor"] = check_id(anchor, "anchor manifest id")
             self._check_anchor(fields["anchor"])
@@ -478,12 +575,14 @@ class Replica:
 
     def status(self) -> dict[str, Any]:
         ops = list(self.ops().values())
-        recipes = opset.recipe_state(ops)
-        live = {op.id for op in opset.live_contributions(ops)}
+        state = opset.membership(ops)
+        recipes = opset.recipe_state(ops, state.counted)
+        live = {op.id for op in opset.live_contributions(ops, state.counted)}
         contributions = [
             {"op_id": op.id, "site": op.site, "label": op.body["label"],
              "manifest": op.body["manifest"], "form": op.body["form"],
-             "params": op.body["params"], "live": op.id in live}
+             "params": op.body["params"], "live": op.id in live,
+             "counts": op.id in state.counted}
             for op in sorted((o for o in ops if o.kind == "contribute"), key=lambda o: o.id)
         ]
         recipe = None
@@ -499,7 +598,11 @@ class Replica:
             "conflicts": [{"op_id": op.id, "method": op.body["method"], "site": op.site}
                           for op in recipes.conflicts],
             "ignored_retracts": [{"retract": r.id, "target": t}
-                                 for r, t in opset.ignored_retracts(ops)],
+                                 for r, t in opset.ignored_retracts(ops, state.counted)],
+            "members": self.members(),
+            "not_counted": [{"op_id": op_id, "kind": self.ops()[op_id].kind,
+                             "site": self.ops()[op_id].site, "why": why}
+                            for op_id, why in state.not_counted.items()],
         }
 
     def gc(self, grace: float = GC_GRACE) -> dict[str, int]:

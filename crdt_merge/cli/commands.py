@@ -193,6 +193,30 @@ def cmd_admit(args: Any) -> tuple[int, Any]:
                    "text": f"admitted {args.site} ({args.role}): op {op.id}"}
 
 
+def cmd_revoke(args: Any) -> tuple[int, Any]:
+    with Replica.open(args.dir) as r:
+        op = r.revoke(args.site, args.member)
+        target = op.body["revoke"]["member"]
+        return 0, {"op_id": op.id, "site": args.site, "member": target,
+                   "text": f"revoked {args.site} (membership op {target[:16]}): op {op.id}; "
+                           "its ops this replica had not seen count nowhere"}
+
+
+def cmd_rotate_key(args: Any) -> tuple[int, Any]:
+    try:
+        key = bytes.fromhex(args.public_key)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise BadParameter("public key must be 64 hex characters (32 bytes)")
+    with Replica.open(args.dir) as r:
+        op = r.rotate_key(args.site, key, role=args.role, member=args.member)
+        return 0, {"op_id": op.id, "site": args.site, "replaces": op.body["replaces"],
+                   "role": op.body["admit"]["role"],
+                   "text": f"{args.site} has a new key: op {op.id}; the old key "
+                           f"(membership op {op.body['replaces'][:16]}) is replaced"}
+
+
 FORCE_HINT = "(--force records it anyway)"
 
 
@@ -339,7 +363,6 @@ def cmd_recipe(args: Any) -> tuple[int, Any]:
         check_drafts(r, [draft], args.force)
         op = r.set_recipe(method.name, params, anchor=anchor)
         return 0, {"op_id": op.id, "method": method.name, "params": params, "anchor": anchor,
-                   "supersedes": op.body["supersedes"],
                    "text": f"recipe {method.name}: op {op.id[:12]}"}
 
 
@@ -360,7 +383,9 @@ def fates(r: Replica, status: dict[str, Any]) -> tuple[dict[str, str], str | Non
                 notes.setdefault(d["op_id"], []).append(d["detail"])
     for c in status["contributions"]:
         i = c["op_id"]
-        if not c["live"]:
+        if not c.get("counts", True):
+            fate = "does not count: its author's key was revoked or replaced before it"
+        elif not c["live"]:
             fate = "retracted"
         elif i in counted:
             fate = "counted"
@@ -389,7 +414,6 @@ def cmd_status(args: Any) -> tuple[int, Any]:
         cached = (r.store.index.get_meta(checkpoint_key(the_plan.id, the_plan.method))
                   if the_plan is not None else None)
         s["checkpoint_id"] = cached.decode() if cached else None
-        s["members"] = s.get("members", s["sites"])
         s["text"] = status_text(s, short_ids(r.op_ids()))
         if the_plan is not None and the_plan.outliers is not None:
             s["text"] += "\n" + "\n".join(_outlier_status(the_plan, s))

@@ -49,7 +49,17 @@ def _params(params: Mapping[str, Any]) -> str:
 def status_text(s: Mapping[str, Any], ids: Mapping[str, str]) -> str:
     lines = [f"project   {s['project'][:16]}   site {s['site']}",
              f"state     {s['state_root'][:16]}   {s['ops']} ops, {s['staged']} staged",
-             f"members   {', '.join(str(m) for m in s['members'])}"]
+             "members:"]
+    for m in s["members"]:
+        lines.append(f"  {m['state']:<8}  {m['site']:<10} {m['role']:<6} key {m['fingerprint']}  "
+                     f"(op {_short(ids, m['member'])}"
+                     + (f", ended by {_short(ids, m['ended_by'])}" if m.get("ended_by") else "")
+                     + ")")
+    if s.get("not_counted"):
+        lines.append(f"{len(s['not_counted'])} op(s) do not count (their author's key was revoked "
+                     "or replaced before them):")
+        for n in s["not_counted"]:
+            lines.append(f"  {_short(ids, n['op_id'])}  {n['kind']} by {n['site']}: {n['why']}")
     rec = s["recipe"]
     if rec:
         lines.append(f"recipe    {rec['method']} {_params(rec['params'])}   "

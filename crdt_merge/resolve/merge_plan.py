@@ -2,8 +2,9 @@
 
 ``plan(replica)`` reads the op set and the manifests and returns a :class:`MergePlan`: the
 winning recipe, the live contributions in canonical order (by op id), every policy decision
-(a retract of another site's op ignored, a donor with NaN/inf or a shape mismatch excluded,
-a recipe conflict), the output dtype and the plan id. Every replica holding the same ops
+(a retract of another member's op ignored, an op that does not count because its author's
+key was revoked before it, a donor with NaN/inf or a shape mismatch excluded, a recipe
+conflict), the output dtype and the plan id. Every replica holding the same ops
 takes the same decisions, and the model card lists them.
 
 The plan id is the BLAKE3 of the canonical plan without the state root, so an op that does
@@ -325,7 +326,8 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
             slices: an unknown model, bad ranges, sources of different lengths).
     """
     ops = list(replica.ops().values()) + list(extra)
-    recipes = opset.recipe_state(ops)
+    state = opset.membership(ops)
+    recipes = opset.recipe_state(ops, state.counted)
     if recipes.winner is None:
         raise PlanError("no recipe yet; agree one with `crdt-merge recipe DIR --method ...`")
     recipe: Op = recipes.winner
@@ -334,9 +336,14 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         decisions.append({"decision": "recipe_conflict", "op_id": other.id,
                           "detail": f"recipe {other.id} is also unsuperseded; "
                                     f"{recipe.id} wins by (clock, op id)"})
-    for retract, target in opset.ignored_retracts(ops):
+    for retract, target in opset.ignored_retracts(ops, state.counted):
         decisions.append({"decision": "retract_ignored", "op_id": retract.id, "target": target,
-                          "detail": f"site {retract.site} cannot retract another site's op"})
+                          "detail": f"site {retract.site} cannot retract another member's op"})
+    held = {op.id: op for op in ops}
+    for op_id, why in state.not_counted.items():
+        decisions.append({"decision": "not_counted", "op_id": op_id,
+                          "detail": f"{held[op_id].kind} by {held[op_id].site} does not count: "
+                                    f"{why}"})
     all_params = dict(recipe.body["params"])
     dtype_name = all_params.get("dtype")
     allow = all_params.get("allow_nonfinite", False)
@@ -345,7 +352,7 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
     whole = whole_model(method.name)
     method_params, slices, merged = check_recipe(method, all_params)
 
-    live = opset.live_contributions(ops)
+    live = opset.live_contributions(ops, state.counted)
     contributions = []
     for op in live:  # a parameter the method does not use is ignored, as mergekit does
         used, unused = split_params(method, op.body["params"])

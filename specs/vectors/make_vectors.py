@@ -346,12 +346,13 @@ def manifests_vectors() -> dict:
 
 # -- 5. ops, signatures and the state root ---------------------------------------------------
 
-SIGN_DOMAIN = b"crdt-merge/op/v1\x00"
+SIGN_DOMAIN = b"crdt-merge/op/v2\x00"
 STATE_ROOT_DOMAIN = b"crdt-merge/state-root/v1\x00"
-SEEDS = {  # RFC 8032 section 7.1 test keys 1-3, so the public keys are known from outside
+SEEDS = {  # RFC 8032 section 7.1 test keys 1-4, so the public keys are known from outside
     "alice": "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
     "bob": "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
     "carol": "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7",
+    "carol2": "f5e5767cf153319517630f226876b86c8160cc583bc013744c6bf255f5cc0ee5",
 }
 
 
@@ -371,47 +372,94 @@ def sign(body: dict, signer: str) -> tuple[bytes, bytes, str]:
 
 
 def ops_vectors() -> dict:
+    """The golden project: one op of each kind, a revoke, an op its revoked author signed
+    afterwards (valid, counts nowhere) and a key rotation; what the state says of them
+    (written here from formats.md sections 6 and 8, not computed by crdt_merge); and ops a
+    replica holding them must refuse, with the error code."""
     m_model = b3(enc(manifest_model()))
     m_base = b3(enc(manifest_base()))
     ops: list[dict] = []
     ids: dict[str, str] = {}
+    clocks: dict[str, int] = {}
+
+    def body_of(kind: str, site: str, member: str, deps: list[str], **fields: object) -> dict:
+        """A non-genesis op body: its clock is 1 + the greatest clock of its deps."""
+        return dict(v=2, kind=kind, site=site, clock=1 + max(clocks[d] for d in deps),
+                    project=g, member=member, deps=sorted(deps), **fields)
 
     def add(name: str, body: dict, signer: str | None = None) -> str:
         signing, data, op_id = sign(body, signer or body["site"])
         ops.append({"name": name, "signer": signer or body["site"], "body": tagged(body),
                     "signing_hex": signing.hex(), "hex": data.hex(), "id": op_id})
         ids[name] = op_id
+        clocks[op_id] = body["clock"]
         return op_id
 
     g = add("genesis", {
-        "v": 1, "kind": "genesis", "site": "alice", "clock": 0, "name": "golden",
+        "v": 2, "kind": "genesis", "site": "alice", "clock": 0, "name": "golden",
         "nonce": bytes(range(16)), "profile": {"name": "test", "piece_size": 4096},
         "sites": {"alice": {"key": pub("alice"), "role": "admin"}}})
-    common = {"v": 1, "project": g}
-    a_bob = add("admit bob", dict(common, kind="admit", site="alice", clock=1, member=g,
-                                  admit={"site": "bob", "key": pub("bob"), "role": "member"}))
-    c_bob = add("contribute full", dict(common, kind="contribute", site="bob", clock=2,
-                                        member=a_bob, manifest=m_model, form="full",
-                                        params={"weight": "0.5", "density": "0.3"},
-                                        label="bob fine-tune", family="llama"))
-    c_alice = add("contribute delta", dict(common, kind="contribute", site="alice", clock=3,
-                                           member=g, manifest=m_model, base=m_base,
-                                           form="delta", params={"weight": "1", "n": 3,
-                                                                 "flags": [True, "a"]},
-                                           label="", family="llama"))
-    add("retract", dict(common, kind="retract", site="bob", clock=4, member=a_bob,
-                        targets=[c_bob]))
-    r1 = add("recipe", dict(common, kind="recipe", site="alice", clock=5, member=g,
-                            method="ties", anchor=m_base, supersedes=[],
-                            params={"density": "0.5", "normalize": True, "lambda_": "1"}))
-    add("recipe superseding", dict(common, kind="recipe", site="bob", clock=6, member=a_bob,
-                                   method="linear", params={}, supersedes=[r1]))
-    add("retract of another site's op (held, no effect)",
-        dict(common, kind="retract", site="bob", clock=7, member=a_bob, targets=[c_alice]))
+    a_bob = add("admit bob", body_of("admit", "alice", g, [g],
+                                     admit={"site": "bob", "key": pub("bob"), "role": "member"}))
+    c_bob = add("contribute full", body_of("contribute", "bob", a_bob, [a_bob],
+                                           manifest=m_model, form="full",
+                                           params={"weight": "0.5", "density": "0.3"},
+                                           label="bob fine-tune", family="llama"))
+    c_alice = add("contribute delta", body_of("contribute", "alice", g, [c_bob],
+                                              manifest=m_model, base=m_base, form="delta",
+                                              params={"weight": "1", "n": 3,
+                                                      "flags": [True, "a"]},
+                                              label="", family="llama"))
+    rt = add("retract", body_of("retract", "bob", a_bob, [c_alice], targets=[c_bob]))
+    r1 = add("recipe", body_of("recipe", "alice", g, [rt], method="ties", anchor=m_base,
+                               params={"density": "0.5", "normalize": True, "lambda_": "1"}))
+    r2 = add("recipe superseding (the first is in its causal past)",
+             body_of("recipe", "bob", a_bob, [r1], method="linear", params={}))
+    x = add("retract of another site's op (held, no effect)",
+            body_of("retract", "bob", a_bob, [r2], targets=[c_alice]))
+    r3 = add("recipe concurrent with the superseding one (a conflict)",
+             body_of("recipe", "alice", g, [r1], method="ties", params={"density": "0.7"}))
+    a_carol = add("admit carol (admin)", body_of("admit", "alice", g, [x, r3],
+                                                 admit={"site": "carol", "key": pub("carol"),
+                                                        "role": "admin"}))
+    c_adapter = add("contribute adapter with provenance",
+                    body_of("contribute", "carol", a_carol, [a_carol], manifest=m_model,
+                            base=m_base, form="adapter", params={"weight": "0.25"},
+                            label="carol lora", family="llama",
+                            provenance={"source": "peft", "rank": 8, "alpha": "16"}))
+    rev = add("revoke bob", body_of("revoke", "carol", a_carol, [c_adapter],
+                                    revoke={"member": a_bob, "site": "bob"}))
+    late = add("contribute by bob after its revoke (valid, counts nowhere)",
+               body_of("contribute", "bob", a_bob, [rev], manifest=m_model, form="full",
+                       params={}, label="late", family="llama"))
+    rot = add("rotate carol's key (admit that replaces her member)",
+              body_of("admit", "alice", g, [late],
+                      admit={"site": "carol", "key": pub("carol2"), "role": "admin"},
+                      replaces=a_carol))
+    c_carol2 = add("contribute by carol's new key", body_of(
+        "contribute", "carol", rot, [rot], manifest=m_model, form="full", params={},
+        label="carol again", family="llama"), signer="carol2")
     held = sorted(ids.values())
+    state = {
+        "live_contributions": sorted([c_alice, c_adapter, c_carol2]),
+        "retracted": [c_bob],
+        "not_counted": [late],
+        # r2 and r3 are concurrent, neither in the other's causal past: greatest (clock, id)
+        "recipe_winner": max((clocks[r], r) for r in (r2, r3))[1],
+        "recipe_conflicts": [min((clocks[r], r) for r in (r2, r3))[1]],
+        "ignored_retracts": [[x, c_alice]],
+        "members": sorted([
+            {"site": "alice", "member": g, "role": "admin", "state": "live"},
+            {"site": "bob", "member": a_bob, "role": "member", "state": "revoked",
+             "ended_by": rev},
+            {"site": "carol", "member": a_carol, "role": "admin", "state": "replaced",
+             "ended_by": rot},
+            {"site": "carol", "member": rot, "role": "admin", "state": "live"},
+        ], key=lambda m: (m["site"], m["member"])),
+    }
 
     v1 = add("genesis with the v1 profile (another project)", {
-        "v": 1, "kind": "genesis", "site": "carol", "clock": 0, "name": "big",
+        "v": 2, "kind": "genesis", "site": "carol", "clock": 0, "name": "big",
         "nonce": bytes(16), "profile": {"name": "v1", "piece_size": 16 * 1024 * 1024},
         "sites": {"carol": {"key": pub("carol"), "role": "admin"},
                   "alice": {"key": pub("alice"), "role": "member"}}})
@@ -424,10 +472,11 @@ def ops_vectors() -> dict:
             data = sign(body, signer or body["site"])[1]
         rejected.append({"why": why, "code": code, "hex": data.hex()})
 
-    good_contrib = dict(common, kind="contribute", site="bob", clock=9, member=a_bob,
-                        manifest=m_model, form="full", params={}, label="x", family="llama")
-    reject("signed with another site's key", "bad_signature", good_contrib, signer="alice")
-    _, data, _ = sign(good_contrib, "bob")
+    top = c_carol2
+    good_contrib = body_of("contribute", "alice", g, [top], manifest=m_model, form="full",
+                           params={}, label="x", family="llama")
+    reject("signed with another site's key", "bad_signature", good_contrib, signer="bob")
+    _, data, _ = sign(good_contrib, "alice")
     flipped = bytearray(data)
     flipped[data.index(b"\xa3sig\xc4\x40") + 6 + 10] ^= 1  # a bit inside the 64 signature bytes
     reject("one bit of the signature flipped", "bad_signature", {}, data=bytes(flipped))
@@ -435,42 +484,91 @@ def ops_vectors() -> dict:
            dict(good_contrib, site="carol", member=g), signer="carol")
     reject("membership op not held", "unknown_site",
            dict(good_contrib, member=b3(b"no such op")))
+    reject("a dep not held (the op waits; apply refuses it)", "dependency_missing",
+           dict(good_contrib, deps=[b3(b"no such op")]))
+    reject("clock 2^63-1 (finding 1: must be 1 + the clock of its deps)", "bad_clock",
+           dict(good_contrib, clock=2**63 - 1))
+    reject("clock one more than it should be", "bad_clock",
+           dict(good_contrib, clock=good_contrib["clock"] + 1))
+    reject("clock of its deps' clock, not one more", "bad_clock",
+           dict(good_contrib, clock=clocks[top]))
     reject("a member admitting a site", "not_authorized",
-           dict(common, kind="admit", site="bob", clock=9, member=a_bob,
-                admit={"site": "carol", "key": pub("carol"), "role": "member"}))
+           body_of("admit", "bob", a_bob, [top],
+                   admit={"site": "dave", "key": pub("carol"), "role": "member"}))
+    reject("a member revoking a member", "not_authorized",
+           body_of("revoke", "bob", a_bob, [x], revoke={"member": g, "site": "alice"}))
+    reject("admit of a name a live member holds (finding 2)", "site_taken",
+           body_of("admit", "alice", g, [top],
+                   admit={"site": "alice", "key": pub("bob"), "role": "admin"}))
+    reject("admit of the rotated name again, without replaces", "site_taken",
+           body_of("admit", "alice", g, [top],
+                   admit={"site": "carol", "key": pub("bob"), "role": "member"}))
+    reject("admit replacing a member already replaced in its causal past", "not_authorized",
+           body_of("admit", "alice", g, [top],
+                   admit={"site": "carol", "key": pub("bob"), "role": "admin"},
+                   replaces=a_carol))
+    reject("revoke of the only live admin in its causal past", "last_admin",
+           body_of("revoke", "alice", g, [a_bob], revoke={"member": g, "site": "alice"}))
+    reject("revoke of a member not in its causal past", "not_authorized",
+           body_of("revoke", "alice", g, [g], revoke={"member": a_bob, "site": "bob"}))
+    reject("revoke of a member already revoked in its causal past", "not_authorized",
+           body_of("revoke", "alice", g, [top], revoke={"member": a_bob, "site": "bob"}))
     reject("op of another project", "wrong_project", dict(good_contrib, project=v1))
     reject("genesis of another project", "wrong_project", {},
            data=bytes.fromhex(ops[-1]["hex"]))
     reject("unknown kind", "schema_error", dict(good_contrib, kind="vote"))
     reject("kind not a string", "schema_error", dict(good_contrib, kind=["contribute"]))
-    reject("version 2", "schema_error", dict(good_contrib, v=2))
+    reject("version 1", "schema_error", dict(good_contrib, v=1))
     reject("version true", "schema_error", dict(good_contrib, v=True))
     reject("missing field label", "schema_error",
            {k: v for k, v in good_contrib.items() if k != "label"})
+    reject("missing field deps", "schema_error",
+           {k: v for k, v in good_contrib.items() if k != "deps"})
+    reject("deps empty", "schema_error", dict(good_contrib, deps=[]))
+    reject("deps unsorted", "schema_error", dict(good_contrib, deps=sorted([top, rot],
+                                                                         reverse=True)))
+    reject("deps with a repeat", "schema_error", dict(good_contrib, deps=[top, top]))
+    reject("257 deps", "schema_error",
+           dict(good_contrib, deps=sorted(b3(bytes([i % 256, i // 256])) for i in range(257))))
     reject("extra field", "schema_error", dict(good_contrib, note="hi"))
+    reject("a recipe with the version 1 field supersedes", "schema_error",
+           body_of("recipe", "alice", g, [top], method="linear", params={}, supersedes=[]))
     reject("negative clock", "schema_error", dict(good_contrib, clock=-1))
+    reject("clock 2^63", "schema_error", dict(good_contrib, clock=2**63))
     reject("parameter 0.30 is not a canonical decimal", "schema_error",
            dict(good_contrib, params={"weight": "0.30"}))
     reject("parameter 1e999999999 is not a canonical decimal", "schema_error",
            dict(good_contrib, params={"weight": "1e999999999"}))
     reject("delta without base", "schema_error", dict(good_contrib, form="delta"))
+    reject("adapter without base", "schema_error", dict(good_contrib, form="adapter"))
+    reject("form lora", "schema_error", dict(good_contrib, form="lora", base=m_base))
+    reject("provenance not a map", "schema_error", dict(good_contrib, provenance=["peft"]))
+    reject("provenance 0.30 is not a canonical decimal", "schema_error",
+           dict(good_contrib, provenance={"alpha": "0.30"}))
     reject("manifest id in upper case", "schema_error",
            dict(good_contrib, manifest=m_model.upper()))
     reject("retract targets unsorted", "schema_error",
-           dict(common, kind="retract", site="bob", clock=9, member=a_bob,
-                targets=sorted([c_bob, c_alice], reverse=True)))
+           body_of("retract", "alice", g, [top], targets=sorted([c_bob, c_alice], reverse=True)))
     reject("retract of nothing", "schema_error",
-           dict(common, kind="retract", site="bob", clock=9, member=a_bob, targets=[]))
+           body_of("retract", "alice", g, [top], targets=[]))
+    reject("revoke without site", "schema_error",
+           body_of("revoke", "alice", g, [top], revoke={"member": a_bob}))
     reject("genesis with clock 1", "schema_error",
-           {"v": 1, "kind": "genesis", "site": "alice", "clock": 1, "name": "g",
+           {"v": 2, "kind": "genesis", "site": "alice", "clock": 1, "name": "g",
+            "nonce": bytes(16), "profile": {"name": "test", "piece_size": 4096},
+            "sites": {"alice": {"key": pub("alice"), "role": "admin"}}})
+    reject("genesis with deps", "schema_error",
+           {"v": 2, "kind": "genesis", "site": "alice", "clock": 0, "name": "g", "deps": [g],
             "nonce": bytes(16), "profile": {"name": "test", "piece_size": 4096},
             "sites": {"alice": {"key": pub("alice"), "role": "admin"}}})
     reject("profile test with the v1 piece size", "schema_error",
-           {"v": 1, "kind": "genesis", "site": "alice", "clock": 0, "name": "g",
+           {"v": 2, "kind": "genesis", "site": "alice", "clock": 0, "name": "g",
             "nonce": bytes(16), "profile": {"name": "test", "piece_size": 16 * 1024 * 1024},
             "sites": {"alice": {"key": pub("alice"), "role": "admin"}}})
+    clock_bytes = b"\xa5clock" + enc(good_contrib["clock"])
+    assert good_contrib["clock"] < 128 and data.count(clock_bytes) == 1
     reject("non-canonical encoding of a valid op (uint16 clock)", "non_canonical", {},
-           data=data.replace(b"\xa5clock\x09", b"\xa5clock\xcd\x00\x09"))
+           data=data.replace(clock_bytes, b"\xa5clock\xcd\x00" + bytes([good_contrib["clock"]])))
 
     return {
         "sign_domain_hex": SIGN_DOMAIN.hex(),
@@ -478,6 +576,7 @@ def ops_vectors() -> dict:
         "manifests": {"model": m_model, "base": m_base},
         "ops": ops,
         "held": held,
+        "state": state,
         "rejected": rejected,
     }
 

@@ -3,7 +3,7 @@ can deliver the same ops to replicas in any order, any number of times, through 
 
 Sites: alice (admin, in the genesis) admits bob (member) and carol (admin); carol admits
 dave (member), so dave's ops rely on a membership chain two admits deep. The pool holds
-effective retracts (by the contribution's own site), ineffective ones (by another site),
+effective retracts (by the contribution's own member), ineffective ones (by another site),
 a retract naming an op no one holds, and concurrent recipes (a conflict).
 """
 
@@ -43,19 +43,34 @@ class Pool:
         return list(out)
 
     def effective_retracts(self, op: Op) -> list[str]:
-        """Retract ops in the pool by ``op``'s own site that name it."""
+        """Retract ops in the pool by ``op``'s own member that name it."""
         return [r.id for r in self.ops.values()
-                if r.kind == "retract" and r.site == op.site and op.id in r.body["targets"]]
+                if r.kind == "retract" and r.author == op.author and op.id in r.body["targets"]]
 
-    def committable(self, delivered: set[str]) -> set[str]:
-        """Ops of ``delivered`` whose membership chain is delivered too (with the genesis)."""
-        out = {self.genesis.id}
+    def committable(self, delivered: set[str], objects: set[str] | None = None) -> set[str]:
+        """Ops of ``delivered`` that end in the state (with the genesis): their references
+        (deps and membership op) end in it too, and their objects were delivered with them
+        somewhere (``objects``: those ops' ids; None: all of them), or a valid retract by
+        their own member is delivered (such a contribution joins without its objects)."""
+        valid = {self.genesis.id}
         changed = True
         while changed:
             changed = False
             for op_id in delivered:
                 op = self.ops[op_id]
-                if op_id not in out and op.member in out:
+                if op_id not in valid and all(r in valid for r in opmod.references(op)):
+                    valid.add(op_id)
+                    changed = True
+        held = {o for op_id in (objects or ()) for o in self.needs(self.ops[op_id])}
+        out = {self.genesis.id}
+        changed = True
+        while changed:
+            changed = False
+            for op_id in sorted(valid - out):
+                op = self.ops[op_id]
+                has = (objects is None or set(self.needs(op)) <= held
+                       or any(r in valid for r in self.effective_retracts(op)))
+                if has and all(r in out for r in opmod.references(op)):
                     out.add(op_id)
                     changed = True
         return out
@@ -82,48 +97,53 @@ def _manifest(pool: Pool, seed: int) -> str:
 
 @cache
 def make_pool() -> Pool:
-    g = opmod.sign({"v": 1, "kind": "genesis", "site": "alice", "clock": 0, "name": "pool",
-                    "nonce": bytes(16), "profile": {"name": "test", "piece_size": PIECE_SIZE},
+    g = opmod.sign({"v": opmod.VERSION, "kind": "genesis", "site": "alice", "clock": 0,
+                    "name": "pool", "nonce": bytes(16),
+                    "profile": {"name": "test", "piece_size": PIECE_SIZE},
                     "sites": {"alice": {"key": opmod.public_bytes(site_key("alice")),
                                         "role": "admin"}}}, site_key("alice"))
     pool = Pool(g)
     m1, m2, m3 = (_manifest(pool, seed) for seed in (1, 2, 3))
     members = {"alice": g.id}
+    clocks = {g.id: 0}
 
-    def add(name: str, site: str, clock: int, kind: str, **fields: object) -> str:
-        body = {"v": 1, "kind": kind, "site": site, "clock": clock, "project": g.id,
-                "member": members[site], **fields}
+    def add(name: str, site: str, deps: list[str], kind: str, **fields: object) -> str:
+        clock = 1 + max(clocks[d] for d in deps)
+        body = {"v": opmod.VERSION, "kind": kind, "site": site, "clock": clock,
+                "project": g.id, "member": members[site], "deps": sorted(set(deps)), **fields}
         op = opmod.sign(codec.decode(codec.encode(body)), site_key(site))
         pool.ops[op.id] = op
         pool.names[name] = op.id
+        clocks[op.id] = clock
         return op.id
 
-    def admit(name: str, by: str, site: str, role: str, clock: int) -> None:
-        members[site] = add(name, by, clock, "admit",
+    def admit(name: str, by: str, site: str, role: str, deps: list[str]) -> str:
+        members[site] = add(name, by, deps, "admit",
                             admit={"site": site, "key": opmod.public_bytes(site_key(site)),
                                    "role": role})
+        return members[site]
 
-    admit("admit bob", "alice", "bob", "member", 1)
-    admit("admit carol", "alice", "carol", "admin", 1)
-    admit("admit dave", "carol", "dave", "member", 2)
+    a_bob = admit("admit bob", "alice", "bob", "member", [g.id])
+    a_carol = admit("admit carol", "alice", "carol", "admin", [g.id])
+    a_dave = admit("admit dave", "carol", "dave", "member", [a_carol])
 
-    def contribute(name: str, site: str, clock: int, manifest: str, **extra: object) -> str:
+    def contribute(name: str, site: str, deps: list[str], manifest: str, **extra: object) -> str:
         fields = {"manifest": manifest, "form": "full", "params": {"weight": "0.5"},
                   "label": name, "family": "test", **extra}
-        return add(name, site, clock, "contribute", **fields)
+        return add(name, site, deps, "contribute", **fields)
 
-    contribute("c1 alice m1", "alice", 2, m1)
-    c2 = contribute("c2 bob m2 delta", "bob", 2, m2, form="delta", base=m1)
-    c3 = contribute("c3 dave m3", "dave", 3, m3)
-    c4 = contribute("c4 bob m1", "bob", 3, m1)
-    add("r1 bob retracts c2", "bob", 4, "retract", targets=[c2])
-    add("r2 carol retracts c3 (no effect)", "carol", 4, "retract", targets=[c3])
-    add("r3 dave retracts c3 and c4", "dave", 5, "retract", targets=sorted([c3, c4]))
-    add("r4 alice retracts an unknown op", "alice", 5, "retract", targets=[digest(b"nothing")])
-    p1 = add("p1 alice linear", "alice", 3, "recipe", method="linear", params={},
-             supersedes=[], anchor=m1)
-    add("p2 bob ties (concurrent)", "bob", 3, "recipe", method="ties",
-        params={"density": "0.5"}, supersedes=[])
-    add("p3 carol supersedes p1", "carol", 6, "recipe", method="task_arithmetic",
-        params={"lambda_": "1"}, supersedes=[p1], anchor=m2)
+    c1 = contribute("c1 alice m1", "alice", [a_bob, a_carol], m1)
+    c2 = contribute("c2 bob m2 delta", "bob", [a_bob], m2, form="delta", base=m1)
+    c3 = contribute("c3 dave m3", "dave", [a_dave], m3)
+    c4 = contribute("c4 bob m1", "bob", [c2], m1)
+    add("r1 bob retracts c2", "bob", [c4], "retract", targets=[c2])
+    add("r2 carol retracts c3 (no effect)", "carol", [c3], "retract", targets=[c3])
+    add("r3 dave retracts c3 and c4", "dave", [c3, c4], "retract", targets=sorted([c3, c4]))
+    add("r4 alice retracts an unknown op", "alice", [c1], "retract",
+        targets=[digest(b"nothing")])
+    p1 = add("p1 alice linear", "alice", [c1], "recipe", method="linear", params={}, anchor=m1)
+    add("p2 bob ties (concurrent)", "bob", [c2], "recipe", method="ties",
+        params={"density": "0.5"})
+    add("p3 carol supersedes p1", "carol", [p1, a_dave], "recipe", method="task_arithmetic",
+        params={"lambda_": "1"}, anchor=m2)
     return pool

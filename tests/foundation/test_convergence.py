@@ -142,7 +142,8 @@ def test_any_deliveries_and_syncs_converge(setup, plan):
                 for a, b in zip(replicas[::-1], replicas[-2::-1], strict=False):
                     sync(a, LocalPeer(b))
             delivered = {POOL.names[name] for seq in starts for name, _, _ in seq}
-            want = POOL.committable(delivered)
+            with_objects = {POOL.names[name] for seq in starts for name, given, _ in seq if given}
+            want = POOL.committable(delivered, with_objects)
             for r in replicas:
                 assert set(r.op_ids()) == want
                 assert r.state_root() == expected_root(want)

@@ -16,14 +16,15 @@ from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import (
+    BadClock,
     BadSignature,
+    DependencyMissing,
     NonCanonicalEncoding,
     NotAuthorized,
     SchemaError,
     UnknownSite,
     WrongProject,
 )
-from crdt_merge.hashing import digest
 from crdt_merge.store import manifests
 
 from .helpers import expected_root
@@ -86,7 +87,7 @@ def test_pool_state():
     assert set(v["live"]) == {n["c1 alice m1"], n["c4 bob m1"]}
     assert v["live"] == sorted(v["live"])
     assert {t for _, t in v["ignored"]} == {n["c3 dave m3"], n["c4 bob m1"]}
-    assert v["winner"] == n["p3 carol supersedes p1"]
+    assert v["winner"] == n["p3 carol supersedes p1"]  # p1 is in p3's causal past
     assert v["conflicts"] == [n["p2 bob ties (concurrent)"]]
 
 
@@ -104,41 +105,52 @@ def test_commit_order_puts_membership_first(order):
 # -- recipes: the winner and the conflict are functions of the set --------------------------
 
 
-def recipe(clock: int, supersedes: list[str], tag: int) -> Op:
-    return opmod.sign({"v": 1, "kind": "recipe", "site": "alice", "clock": clock,
+def recipe(deps: list[Op], tag: int) -> Op:
+    deps = deps or [POOL.genesis]
+    return opmod.sign({"v": opmod.VERSION, "kind": "recipe", "site": "alice",
+                       "clock": 1 + max(d.clock for d in deps),
+                       "deps": sorted({d.id for d in deps}),
                        "project": POOL.genesis.id, "member": POOL.genesis.id,
-                       "method": "linear", "params": {"tag": tag},
-                       "supersedes": sorted(set(supersedes))}, site_key("alice"))
+                       "method": "linear", "params": {"tag": tag}}, site_key("alice"))
 
 
 @st.composite
-def recipe_specs(draw: Any) -> list[tuple[int, list[int]]]:
-    """(clock, superseded) per recipe: each supersedes some earlier ones (by index; -1 is an
-    id nobody holds), with clocks that often tie."""
-    specs = []
-    for i in range(draw(st.integers(1, 7))):
-        specs.append((draw(st.integers(0, 3)), draw(st.lists(st.integers(-1, i - 1), max_size=3))))
-    return specs
+def recipe_specs(draw: Any) -> list[list[int]]:
+    """The deps of each recipe, by index of an earlier one (none: the genesis): a random
+    causal graph of recipes, with clocks that often tie."""
+    return [draw(st.lists(st.integers(0, i - 1), max_size=3)) if i else []
+            for i in range(draw(st.integers(1, 7)))]
 
 
-def build_recipes(specs: list[tuple[int, list[int]]]) -> list[Op]:
+def build_recipes(specs: list[list[int]]) -> list[Op]:
     made: list[Op] = []
-    for tag, (clock, superseded) in enumerate(specs):
-        made.append(recipe(clock, [made[j].id if j >= 0 else digest(b"absent")
-                                   for j in superseded], tag))
+    for tag, deps in enumerate(specs):
+        made.append(recipe([made[j] for j in deps], tag))
     return made
+
+
+def ancestors(specs: list[list[int]], i: int) -> set[int]:
+    """Indices of the recipes in recipe i's causal past, from the spec (not the code)."""
+    out: set[int] = set()
+    todo = list(specs[i])
+    while todo:
+        j = todo.pop()
+        if j not in out:
+            out.add(j)
+            todo.extend(specs[j])
+    return out
 
 
 @SETTINGS
 @given(recipe_specs(), st.data())
 def test_recipe_winner_and_conflict_are_order_independent(specs, data):
     recipes = build_recipes(specs)
-    superseded = {s for op in recipes for s in op.body["supersedes"]}
-    heads = sorted((op for op in recipes if op.id not in superseded),
+    superseded = {j for i in range(len(specs)) for j in ancestors(specs, i)}
+    heads = sorted((recipes[i] for i in range(len(specs)) if i not in superseded),
                    key=lambda op: (op.clock, op.id), reverse=True)
     n = len(recipes)
-    arrived = [recipes[i] for i in data.draw(st.permutations(range(n)))
-               + data.draw(st.lists(st.integers(0, n - 1), max_size=4))]
+    arrived = [POOL.genesis] + [recipes[i] for i in data.draw(st.permutations(range(n)))
+                                + data.draw(st.lists(st.integers(0, n - 1), max_size=4))]
     state = opset.recipe_state(arrived)
     assert state.winner.id == heads[0].id
     assert [op.id for op in state.conflicts] == [op.id for op in heads[1:]]
@@ -158,7 +170,7 @@ def verify(data: bytes) -> None:
 
 
 REFUSALS = (NonCanonicalEncoding, SchemaError, BadSignature, UnknownSite, WrongProject,
-            NotAuthorized)
+            NotAuthorized, DependencyMissing, BadClock)
 
 
 @pytest.mark.parametrize("op", ALL, ids=lambda op: op.kind)

@@ -51,8 +51,7 @@ def bob(fast_tmp, alice):
 
 
 def body_by(replica: Replica, kind: str, **fields: object) -> dict:
-    return {"v": 1, "kind": kind, "site": replica.site, "clock": 9,
-            "project": replica.genesis_id, "member": replica.membership().id, **fields}
+    return replica.new_body(kind, **fields)
 
 
 def contribution(replica: Replica, manifest: str) -> dict:
@@ -93,7 +92,8 @@ def test_non_canonical_encodings_of_a_valid_op(alice, bob):
         "keys in reverse order": bytes([0x80 | len(pairs)]) + b"".join(reversed(pairs)),
         "map16 header": b"\xde" + len(pairs).to_bytes(2, "big") + b"".join(pairs),
         "a duplicate key": bytes([0x80 | len(pairs) + 1]) + pairs[0] + b"".join(pairs),
-        "uint16 clock": op.data.replace(b"\xa5clock\x09", b"\xa5clock\xcd\x00\x09", 1),
+        "uint16 clock": op.data.replace(b"\xa5clock" + bytes([op.clock]),
+                                        b"\xa5clock\xcd\x00" + bytes([op.clock]), 1),
         "trailing byte": op.data + b"\xc0",
     }
     for why, data in variants.items():
@@ -139,7 +139,8 @@ def test_bad_signature(alice, bob):
 
 def test_op_from_an_unknown_site(alice, fast_tmp):
     mallory_key = site_key("mallory")
-    body = {"v": 1, "kind": "contribute", "site": "mallory", "clock": 3,
+    body = {"v": opmod.VERSION, "kind": "contribute", "site": "mallory", "clock": 1,
+            "deps": [alice.genesis_id],
             "project": alice.genesis_id, "member": alice.genesis_id,
             "manifest": alice.op_ids()[0], "form": "full", "params": {}, "label": "",
             "family": ""}

@@ -117,9 +117,10 @@ def test_a_retracted_contributions_objects_are_not_sent(alice, fast_tmp):
     retract = alice.retract([doomed.id])
     only_gone = model_objects(alice, gone) - model_objects(alice, keep)
 
-    # a replica that holds the retract before the contribution ever arrives
+    # a replica that has the retract staged before the contribution ever arrives (it waits
+    # for its deps: the contribution is in its causal past)
     bob = replica(fast_tmp, alice, "bob", admit=False)
-    bob.apply(retract.data)  # alice's membership is the genesis: bob can verify it
+    bob.stage(retract.data)
     peer = CountingPeer(alice)
     sync(bob, peer)
     assert not set(peer.served) & only_gone

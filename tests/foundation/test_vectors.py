@@ -263,22 +263,35 @@ def golden_replica(path: Path) -> Replica:
 def test_golden_project_reaches_the_golden_state(fast_tmp):
     held = [c for c in OPS["ops"] if c["id"] in OPS["held"]]
     want_root = next(c["root"] for c in ROOTS["roots"] if c["name"] == "every held op of ops.json")
-    ids = {c["name"]: c["id"] for c in OPS["ops"]}
+    want = OPS["state"]
     with golden_replica(fast_tmp / "a") as a:
         for c in held:
             assert a.apply(bytes.fromhex(c["hex"])) == c["id"]
         assert a.state_root() == want_root
-        ops = list(a.ops().values())
-        assert [op.id for op in opset.live_contributions(ops)] == [ids["contribute delta"]]
-        recipes = opset.recipe_state(ops)
-        assert recipes.winner.id == ids["recipe superseding"] and recipes.conflicts == ()
-        assert [(r.id, t) for r, t in opset.ignored_retracts(ops)] == [
-            (ids["retract of another site's op (held, no effect)"], ids["contribute delta"])]
+        check_golden_state(a, want)
     with golden_replica(fast_tmp / "b") as b:  # the same ops staged in reverse order
         for c in reversed(held):
             b.stage(bytes.fromhex(c["hex"]))
         b.commit_staged()
         assert b.state_root() == want_root
+        check_golden_state(b, want)
+
+
+def check_golden_state(r: Replica, want: dict) -> None:
+    ops = list(r.ops().values())
+    state = opset.membership(ops)
+    assert [op.id for op in opset.live_contributions(ops)] == want["live_contributions"]
+    assert sorted(set(r.ops()) - state.counted) == want["not_counted"]
+    recipes = opset.recipe_state(ops)
+    assert recipes.winner.id == want["recipe_winner"]
+    assert [op.id for op in recipes.conflicts] == want["recipe_conflicts"]
+    assert [[x.id, t] for x, t in opset.ignored_retracts(ops)] == want["ignored_retracts"]
+    members = [{k: v for k, v in m.items() if k in ("site", "member", "role", "state")
+                or (k == "ended_by" and v is not None)} for m in r.members()]
+    assert members == want["members"]
+    status = r.status()
+    assert [n["op_id"] for n in status["not_counted"]] == want["not_counted"]
+    assert [c["op_id"] for c in status["contributions"] if c["live"]] == want["live_contributions"]
 
 
 @pytest.mark.parametrize("case", OPS["rejected"], ids=lambda c: c["why"])

@@ -192,24 +192,26 @@ sorted_ids = st.lists(ids, max_size=4, unique=True).map(sorted)
 @st.composite
 def valid_op_bodies(draw: st.DrawFn) -> tuple[dict[str, Any], Ed25519PrivateKey]:
     kind = draw(st.sampled_from(["admit", "contribute", "retract", "recipe"]))
-    body: dict[str, Any] = {"v": 1, "kind": kind, "site": "alice",
-                            "clock": draw(st.integers(1, 2**63 - 1)),
-                            "project": GENESIS.id, "member": GENESIS.id}
+    body: dict[str, Any] = {"v": opmod.VERSION, "kind": kind, "site": "alice", "clock": 1,
+                            "deps": [GENESIS.id], "project": GENESIS.id, "member": GENESIS.id}
     if kind == "admit":
         key = draw(st.binary(min_size=32, max_size=32))
-        body["admit"] = {"site": draw(sites), "key": key,
+        body["admit"] = {"site": draw(sites.filter(lambda s: s != "alice")), "key": key,
                          "role": draw(st.sampled_from(["admin", "member"]))}
     elif kind == "contribute":
-        body |= {"manifest": draw(ids), "form": draw(st.sampled_from(["full", "delta"])),
+        body |= {"manifest": draw(ids),
+                 "form": draw(st.sampled_from(["full", "delta", "adapter"])),
                  "params": draw(params), "label": draw(st.text(max_size=20)),
                  "family": draw(st.text(max_size=20))}
-        if body["form"] == "delta" or draw(st.booleans()):
+        if body["form"] != "full" or draw(st.booleans()):
             body["base"] = draw(ids)
+        if draw(st.booleans()):
+            body["provenance"] = draw(params)
     elif kind == "retract":
         body["targets"] = draw(sorted_ids.filter(bool))
     else:
         body |= {"method": draw(st.from_regex(r"[a-z][a-z0-9_]{0,12}", fullmatch=True)),
-                 "params": draw(params), "supersedes": draw(sorted_ids)}
+                 "params": draw(params)}
         if draw(st.booleans()):
             body["anchor"] = draw(ids)
     return body, KEYS["alice"]

@@ -296,7 +296,11 @@ def signed_ops(draw: st.DrawFn, known: Known) -> bytes:
     """An op this site really signed: a retract, a contribution (of a manifest the server
     lacks: it waits), an admit, or a recipe; some name a membership op no one holds."""
     member = known.genesis if draw(st.booleans()) else digest(draw(st.binary(max_size=4)))
-    body: dict[str, Any] = {"v": 1, "site": "alpha", "clock": draw(st.integers(1, 2**20)),
+    deps = sorted(set(draw(st.lists(st.sampled_from(known.op_ids), min_size=1, max_size=3))))
+    clocks = {op.id: op.clock for op in map(opmod.decode, known.ops)}
+    clock = (1 + max(clocks.get(d, 0) for d in deps) if draw(st.booleans())
+             else draw(st.integers(1, 2**63 - 1)))  # honest, or any clock (refused)
+    body: dict[str, Any] = {"v": opmod.VERSION, "site": "alpha", "clock": clock, "deps": deps,
                             "project": known.genesis, "member": member}
     kind = draw(st.sampled_from(["retract", "contribute", "admit", "recipe"]))
     held = known.op_ids
@@ -313,7 +317,7 @@ def signed_ops(draw: st.DrawFn, known: Known) -> bytes:
                          "role": draw(st.sampled_from(["admin", "member"]))}
     else:
         body |= {"method": draw(st.sampled_from(["linear", "no_such_method", "ties"])),
-                 "params": {}, "supersedes": []}
+                 "params": {}}
     return opmod.sign({"kind": kind, **body}, known.key).data
 
 
@@ -572,20 +576,16 @@ def test_recipes_then_the_checkpoint(tmp_path: Path) -> None:
         bridge = ASGIBridge(site.app)
         client = httpx.Client(base_url="http://testserver", transport=bridge,
                               headers={"Authorization": f"Bearer {ADMIN}"})
-        pushed_recipes: list[str] = []  # each new recipe supersedes them: it is the winner
         try:
             @fuzz_settings(15)
-            @given(method=st.sampled_from(METHODS), params=RECIPE_PARAMS,
-                   clock=st.integers(10, 2**20))
-            def run(method: str, params: dict[str, Any], clock: int) -> None:
-                body = {"v": 1, "kind": "recipe", "site": "alpha", "clock": clock,
-                        "project": known.genesis, "member": known.genesis, "method": method,
-                        "params": params, "supersedes": sorted(pushed_recipes)}
+            @given(method=st.sampled_from(METHODS), params=RECIPE_PARAMS)
+            def run(method: str, params: dict[str, Any]) -> None:
+                # deps: the heads, so each new recipe supersedes the ones before: the winner
+                body = site.replica.new_body("recipe", method=method, params=params)
                 try:
                     op = opmod.sign(body, known.key)
                 except CrdtMergeError:  # parameters no op may hold ("0.30", "1e3")
                     return
-                pushed_recipes.append(op.id)
                 pushed = client.post("/v1/ops", content=codec.encode({"ops": [op.data]}),
                                      headers={"Content-Type": wire.MSGPACK})
                 assert pushed.status_code == 200, pushed.text
