@@ -13,8 +13,21 @@ manifests, each naming a random membership op and signed by a key nobody admitte
 in flight arrive or are lost, and anti-entropy runs (every pair syncs until nothing moves).
 
 It must end with, on every replica: the same state root; every op any site authored; none
-of the relay's ops committed; no honest op left staged; and the same resolve outcome: the same checkpoint id, or the same plan or
-recipe error (any other error, such as a missing piece, fails the seed).
+of the relay's ops committed; no honest op left staged; and the same resolve outcome: the
+same checkpoint id, or the same plan or recipe error (any other error, such as a missing
+piece, fails the seed).
+
+A Byzantine member ``byz`` (an admin in some seeds) takes part: it syncs like any replica,
+and it also signs ops by hand and hands them to honest replicas: recipes with huge clocks,
+admits of honest sites' names with new keys (concurrent ones, hiding the real admit from
+their deps), retracts of other members' ops (by itself and by those impostor keys), junk
+(random bytes, flipped bits, ops naming deps no one has), and, after an honest admin
+revokes it at some step, more contributions and retracts with its revoked key.
+
+Besides, on every honest replica: the same state root; every op any honest site
+authored, and every one of them counts; no byz op outside the revoke's causal past counts;
+no huge-clock op is held; none of byz's junk committed (ops that can never be valid, or
+that name deps no one has, may stay staged). The byz replica itself is not checked.
 
 Every draw comes from the one seeded RNG (keys and nonces included), so a seed replays
 exactly; :class:`SimulationFailed` carries the seed and the event log.
@@ -31,7 +44,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from crdt_merge.crdt import ops as opmod
+from crdt_merge.crdt import opset
 from crdt_merge.errors import CrdtMergeError, PeerError, PlanError, RecipeError, UnknownSite
+from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import resolve
 from crdt_merge.store.manifests import Manifest, TensorRecord, piece_lengths
@@ -117,6 +132,18 @@ class Simulation:
             self.replicas[site] = Replica.join(workdir / site, site, first.genesis_bytes(),
                                                rng=self.rng.randbytes)
         self.note(f"seed {seed}: {n} replicas, {self.steps} steps")
+        # the Byzantine member, admitted first: its admit has not seen the honest ones, so
+        # (as an admin) it can admit their names again concurrently
+        byz = Replica.join(workdir / "byz", "byz", first.genesis_bytes(), rng=self.rng.randbytes)
+        self.replicas["byz"] = byz
+        byz_role = "admin" if self.rng.random() < 0.5 else "member"
+        self.byz_member = first.admit("byz", byz.public_key, byz_role).id
+        self.note(f"s0 admit byz as {byz_role}")
+        self.byz_ops: set[str] = set()         # valid ops byz signed (held by byz)
+        self.huge: set[str] = set()            # ops with forged clocks: never held
+        self.impostors: list[tuple[str, Ed25519PrivateKey]] = []  # (admit id, key)
+        self.revoke_id: str | None = None
+        sync(byz, LocalPeer(first))
         for site in self.sites[1:]:  # admitted at s0; some learn it now, the rest by syncing
             role = "admin" if self.rng.random() < 0.3 else "member"
             self.authored.add(first.admit(site, self.replicas[site].public_key, role).id)
@@ -147,7 +174,7 @@ class Simulation:
     def run(self) -> Outcome:
         events = [(self.contribute, 25), (self.retract, 8), (self.recipe, 12),
                   (self.sync_pair, 40), (self.partition, 5), (self.heal, 4),
-                  (self.deliver, 8)]
+                  (self.deliver, 8), (self.byzantine, 12), (self.revoke_byz, 3)]
         actions, weights = zip(*events, strict=True)
         for step in range(1, self.steps + 1):
             self.step = step
@@ -215,8 +242,123 @@ class Simulation:
             return r.set_recipe("task_arithmetic", {}, anchor=anchor).id
         self.author(site, "recipe task_arithmetic", "recipe task_arithmetic", make)
 
+    # -- the Byzantine member ------------------------------------------------------------
+
+    def byz_sign(self, kind: str, key: Ed25519PrivateKey | None = None,
+                 member: str | None = None, site: str = "byz", **fields: object) -> opmod.Op:
+        """An op byz signs by hand at the heads it holds, as its original member (which
+        may be revoked by now) or as an impostor key it admitted."""
+        b = self.replicas["byz"]
+        ops = list(b.ops().values())
+        body = {"v": opmod.VERSION, "kind": kind, "site": site, "clock": opset.next_clock(ops),
+                "deps": opset.heads(ops), "project": b.genesis_id,
+                "member": member or self.byz_member, **fields}
+        return opmod.sign(body, key or b.key)
+
+    def hand(self, op_data: bytes, what: str) -> str | None:
+        """Hand bytes straight to an honest replica (a perfect link); return the op id if it
+        was staged."""
+        site = self.rng.choice(self.sites)
+        r = self.replicas[site]
+        try:
+            op = r.stage(op_data)
+        except CrdtMergeError as exc:
+            self.count("byz: refused on arrival")
+            self.note(f"byz {what} -> {site}: refused ({exc.code})")
+            return None
+        report = r.commit_staged()
+        state = ("committed" if op.id in r.ops() else
+                 f"rejected ({report.rejected[op.id].code})" if op.id in report.rejected
+                 else "staged")
+        self.count(f"byz: {state.split(' ')[0]}")
+        self.note(f"byz {what} -> {site}: {state}")
+        return op.id
+
+    def byz_keep(self, op: opmod.Op, what: str) -> None:
+        """A valid op byz signed: byz holds it and syncs it like any other."""
+        try:
+            self.replicas["byz"].apply(op.data)
+        except CrdtMergeError as exc:
+            self.note(f"byz {what}: invalid ({exc.code})")
+            return
+        self.byz_ops.add(op.id)
+        self.count(f"byz {what}")
+        self.note(f"byz {what} -> {op.id[:12]}")
+
+    def byzantine(self) -> None:
+        b = self.replicas["byz"]
+        action = self.rng.choice(["huge clock", "same-name admit", "retract other's",
+                                  "impostor retract", "junk", "contribute", "recipe"])
+        contributions = sorted(op.id for op in b.ops().values()
+                               if op.kind == "contribute" and op.site != "byz")
+        if action == "huge clock":
+            base = self.byz_sign("recipe", method="linear", params={})
+            body = dict(base.body, clock=self.rng.choice([2**63 - 1, 2**62, base.clock + 2]))
+            body.pop("sig")
+            op = opmod.sign(body, b.key)
+            self.huge.add(op.id)
+            self.hand(op.data, f"recipe with clock {body['clock']}")
+        elif action == "same-name admit":
+            name = self.rng.choice(self.sites)
+            key = Ed25519PrivateKey.from_private_bytes(self.rng.randbytes(32))
+            own = b.get_op(self.byz_member)
+            body = dict(self.byz_sign("admit", admit={
+                "site": name, "key": opmod.public_bytes(key), "role": "member"}).body,
+                deps=[own.id], clock=own.clock + 1)  # hides the real admit of ``name``
+            body.pop("sig")
+            op = opmod.sign(body, b.key)
+            self.byz_keep(op, f"admit {name} again")
+            if op.id in b.ops():
+                self.impostors.append((op.id, key))
+        elif action == "retract other's" and contributions:
+            self.byz_keep(self.byz_sign("retract", targets=[self.rng.choice(contributions)]),
+                          "retract other's")
+        elif action == "impostor retract" and contributions and self.impostors:
+            member, key = self.rng.choice(self.impostors)
+            site = b.get_op(member).body["admit"]["site"]
+            self.byz_keep(self.byz_sign("retract", key=key, member=member, site=site,
+                                        targets=[self.rng.choice(contributions)]),
+                          f"impostor {site} retract")
+        elif action == "junk":
+            kind = self.rng.choice(["random bytes", "flipped bit", "missing dep"])
+            if kind == "random bytes":
+                data = self.rng.randbytes(self.rng.randint(0, 200))
+            elif kind == "flipped bit":
+                held = sorted(b.ops())
+                src = bytearray(b.get_op(self.rng.choice(held)).data)
+                bit = self.rng.randrange(8 * len(src))
+                src[bit // 8] ^= 1 << (bit % 8)
+                data = bytes(src)
+            else:
+                body = dict(self.byz_sign("retract", targets=[digest(b"x")]).body,
+                            deps=[digest(self.rng.randbytes(8))])
+                body.pop("sig")
+                data = opmod.sign(body, b.key).data
+            op_id = self.hand(data, f"junk ({kind})")
+            if op_id is not None:
+                self.junk.add(op_id)  # never valid: must never commit, may stay staged
+        elif action == "contribute":
+            manifest = tiny_model(self.rng, b)
+            self.byz_keep(self.byz_sign("contribute", manifest=manifest, form="full",
+                                        params={"weight": "1"}, label="byz", family="sim"),
+                          "contribute")
+        elif action == "recipe":
+            self.byz_keep(self.byz_sign("recipe", method="linear", params={}), "recipe")
+        else:
+            self.note(f"byz {action}: skipped, nothing to target")
+
+    def revoke_byz(self) -> None:
+        """s0 (an admin) revokes byz, once, if it holds byz's admit (it always does)."""
+        if self.revoke_id is not None:
+            return
+        op = self.replicas["s0"].revoke("byz", self.byz_member)
+        self.revoke_id = op.id
+        self.authored.add(op.id)
+        self.count("revoke byz")
+        self.note(f"s0 revoke byz -> {op.id[:12]}")
+
     def sync_pair(self) -> None:
-        a, b = self.rng.sample(self.sites, 2)
+        a, b = self.rng.sample(self.sites + ["byz"], 2)
         how = self.rng.choice(["sync", "sync", "pull", "push"])
         driver = {"sync": sync, "pull": pull, "push": push}[how]
         self.note(f"{how} {a}<->{b}")
@@ -293,7 +435,8 @@ class Simulation:
         self.net.heal()
         self.net.flush(self.replicas)
         self.net.faults = HEALED
-        pairs = [(a, b) for a in self.sites for b in self.sites if a < b]
+        everyone = self.sites + ["byz"]
+        pairs = [(a, b) for a in everyone for b in everyone if a < b]
         for round_no in range(1, ANTI_ENTROPY_ROUNDS + 1):
             before = self.roots()
             self.rng.shuffle(pairs)
@@ -324,6 +467,21 @@ class Simulation:
             counted = sorted(self.junk & set(r.op_ids()))
             if counted:
                 raise self.fail(f"{site} committed the relay's junk {counted}")
+            held = r.ops()
+            if self.huge & set(held):
+                raise self.fail(f"{site} holds an op with a forged clock")
+            state = opset.membership(held.values())
+            uncounted = sorted(self.authored - state.counted)
+            if uncounted:
+                raise self.fail(f"{site}: honest ops do not count: {uncounted}")
+            if self.revoke_id is not None:
+                past = causal_past(held, self.revoke_id)
+                late = sorted(i for i in self.byz_ops & set(held) if i not in past
+                              and held[i].author == (self.byz_member, "byz")
+                              and i in state.counted)
+                if late:
+                    raise self.fail(f"{site}: byz ops after its revoke count: {late}")
+                self.count("byz ops not counted") if site == "s0" else None
         resolved = {}
         for site in self.sites:
             try:
@@ -346,6 +504,18 @@ class Simulation:
             raise self.fail(f"resolve outcomes differ: {resolved}")
         ops = len(self.replicas["s0"].ops())
         return Outcome(self.seed, self.log, roots["s0"], resolved["s0"], ops, self.counts)
+
+
+def causal_past(ops: dict[str, opmod.Op], op_id: str) -> set[str]:
+    """The ops ``op_id`` had seen (its deps, theirs...), computed here from the deps."""
+    out: set[str] = set()
+    todo = list(ops[op_id].deps)
+    while todo:
+        d = todo.pop()
+        if d not in out:
+            out.add(d)
+            todo.extend(ops[d].deps)
+    return out
 
 
 def run_seed(seed: int, workdir: Path, *, steps: int | None = None,
