@@ -295,12 +295,15 @@ def _check_same_shapes(donor: Imported, base: Imported) -> None:
 def cmd_retract(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
         targets = [expand_op_id(r, t) for t in args.op_ids]
+        me = (r.membership().id, r.site)
         for target in targets:  # every replica would ignore it: refuse instead of pretending
             held = r.get_op(target)
-            if held is not None and held.kind == "contribute" and held.site != r.site:
-                raise NotAuthorized(f"op {target[:12]} is a contribution of site {held.site}; "
-                                    f"site {r.site} can retract only its own (every replica "
-                                    "would ignore this retract)")
+            if held is not None and held.kind == "contribute" and held.author != me:
+                whose = (f"site {held.site}" if held.site != r.site else
+                         f"another key of site {r.site} (membership op {held.author[0][:12]})")
+                raise NotAuthorized(f"op {target[:12]} is a contribution of {whose}; this key "
+                                    "can retract only its own (every replica would ignore "
+                                    "this retract)")
         op = r.retract(targets)
         return 0, {"op_id": op.id, "targets": op.body["targets"],
                    "text": f"retracted {len(op.body['targets'])} contribution(s): op {op.id[:12]}"}

@@ -95,14 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="member (contributes, retracts its own) or admin (also admits)")
 
     c = cmd("revoke", "revoke a member's key (admins only; never the last admin)")
-    c.add_argument("dir")
-    c.add_argument("site")
+    replica_dir(c)
+    c.add_argument("site", help="the site whose live key is revoked")
     c.add_argument("--member", help="its membership op id, when concurrent admits gave the "
                                     "site name to more than one key")
 
     c = cmd("rotate-key", "give a site a new key; its old key is revoked (admins only)")
-    c.add_argument("dir")
-    c.add_argument("site")
+    replica_dir(c)
+    c.add_argument("site", help="the site that gets the new key")
     c.add_argument("public_key", help="64 hex characters: the site's new public key")
     c.add_argument("--role", choices=["member", "admin"], help="default: the old key's role")
     c.add_argument("--member", help="the old key's membership op id, when ambiguous")

@@ -181,7 +181,8 @@ def test_status_tells_each_fate_members_and_checkpoint(project, capsys, tmp_path
     fate = {c["op_id"]: c["fate"] for c in s["contributions"]}
     assert fate[ok] == "counted" and fate[gone] == "retracted"
     assert fate[bad].startswith("excluded:") and "weight" in fate[bad]
-    assert s["members"] == ["alpha"] and s["checkpoint_id"] is None
+    assert [(m["site"], m["role"], m["state"]) for m in s["members"]] == [("alpha", "admin", "live")]
+    assert s["checkpoint_id"] is None
     cid = run(capsys, "resolve", a, "--out", str(tmp_path / "o"))[1]["checkpoint_id"]
     assert run(capsys, "status", a)[1]["checkpoint_id"] == cid
 

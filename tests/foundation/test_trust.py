@@ -370,3 +370,43 @@ def test_mutual_revokes_in_every_arrival_order(trio):
     assert len(outcomes) == 1
     (outcome,) = outcomes
     assert sum(1 for site, state in outcome if site in ("alice", "carol") and state == "live") == 1
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+
+def cli(capsys: Any, *args: str) -> tuple[int, dict]:
+    import json
+
+    from crdt_merge.cli.main import main
+
+    code = main(["--json", *args])
+    out = capsys.readouterr()
+    text = out.out.strip() or out.err.strip().splitlines()[-1]
+    return code, json.loads(text)
+
+
+def test_cli_admit_revoke_rotate_and_status(trio, fast_tmp, capsys):
+    alice, beta, carol = trio
+    a = str(alice.path)
+    twin = new_key(fast_tmp / "t", alice.genesis_bytes(), "beta")
+    code, err = cli(capsys, "admit", a, "beta", twin.public_key.hex())
+    assert code != 0 and err["error"] == "site_taken" and "rotate-key" in err["detail"]
+    code, out = cli(capsys, "rotate-key", a, "beta", twin.public_key.hex())
+    assert code == 0 and out["replaces"] == beta.membership().id
+    code, out = cli(capsys, "revoke", a, "carol")
+    assert code == 0 and out["site"] == "carol"
+    code, err = cli(capsys, "revoke", a, "alice")
+    assert code != 0 and err["error"] == "last_admin"
+    code, status = cli(capsys, "status", a)
+    assert code == 0
+    states = sorted((m["site"], m["state"]) for m in status["members"])
+    assert states == [("alice", "live"), ("beta", "live"), ("beta", "replaced"),
+                      ("carol", "revoked")]
+    assert all(len(m["fingerprint"]) == 16 for m in status["members"])
+    from crdt_merge.cli.main import main
+
+    assert main(["status", a]) == 0
+    text = capsys.readouterr().out
+    assert "replaced" in text and "revoked" in text and "members:" in text
+    twin.close()

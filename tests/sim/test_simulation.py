@@ -75,7 +75,7 @@ def test_a_replica_that_loses_ops_is_caught(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(Replica, "stage", stage)
     with pytest.raises(SimulationFailed) as failed:
-        run(5)  # s4 retracts its own contribution
-    assert failed.value.seed == 5
-    assert "seed 5:" in str(failed.value) and "tests.sim.run --seed 5" in str(failed.value)
-    assert "s4 retract own" in str(failed.value)
+        run(11)  # s3 retracts its own contribution
+    assert failed.value.seed == 11
+    assert "seed 11:" in str(failed.value) and "tests.sim.run --seed 11" in str(failed.value)
+    assert "s3 retract own" in str(failed.value)
