@@ -473,7 +473,7 @@ class Replica:
     def admit(self, site: str, public_key: bytes, role: str = "member") -> Op:
         """Admit a new member. Refused (:class:`SiteTaken`) while a live member holds the
         site name: revoke it first, or :meth:`rotate_key`."""
-        if not opmod._SITE.fullmatch(site):
+        if not opmod.SITE_NAME.fullmatch(site):
             raise SchemaError(f"site name {site!r}: use 1-64 of [a-z0-9_.-]")
         live = [m for m in self.members() if m["site"] == site and m["state"] == "live"]
         if live:

@@ -254,7 +254,7 @@ def check_structure(body: Any) -> None:
             raise _bad("revoke must have fields member, site")
         if not is_id(r["member"]):
             raise _bad("revoke.member must be a 64-hex op id")
-        if not isinstance(r["site"], str) or not _SITE.fullmatch(r["site"]):
+        if not isinstance(r["site"], str) or not SITE_NAME.fullmatch(r["site"]):
             raise _bad("revoke.site is not an allowed site name")
     elif kind == "contribute":
         if body["form"] not in FORMS:
