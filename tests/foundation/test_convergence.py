@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import PeerError
 from crdt_merge.replica import Replica
@@ -83,6 +84,17 @@ def origins(draw: Any, n: int) -> list[list[tuple[str, bool, bool]]]:
     for name in NAMES:
         for i in draw(st.sets(st.integers(0, n - 1), max_size=n)):
             given_to[i].add(name)
+    # an op arrives with its causal past (deps and membership op), as every replica that
+    # authored or committed it holds that past: staged ops never travel, so an op whose
+    # past is staged elsewhere could otherwise wait for ever (a state no history makes)
+    by_id = {op_id: name for name, op_id in POOL.names.items()}
+    for mine in given_to:
+        todo = list(mine)
+        while todo:
+            for ref in opmod.references(op(todo.pop())):
+                if ref in by_id and by_id[ref] not in mine:
+                    mine.add(by_id[ref])
+                    todo.append(by_id[ref])
     out = []
     for mine in given_to:
         order = draw(st.permutations(sorted(mine)))
