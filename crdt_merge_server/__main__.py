@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--peer-ca")
+    p.add_argument("--log-format", choices=["text", "json"])
     args = p.parse_args(argv)
     try:
         settings = Settings.from_env(host=args.host, port=args.port, token_file=args.token_file,
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                                      peer_token_file=args.peer_token_file,
                                      sync_interval=args.sync_interval,
                                      tls_cert=args.tls_cert, tls_key=args.tls_key,
-                                     peer_ca=args.peer_ca)
+                                     peer_ca=args.peer_ca, log_format=args.log_format)
         serve(args.dir, settings)
     except CrdtMergeError as exc:
         print(f"crdt-merge: {exc.code}: {exc.detail}", file=sys.stderr)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from crdt_merge.errors import CrdtMergeError
@@ -31,9 +33,12 @@ class AntiEntropy:
         self.settings = settings
         self._jitter = jitter or random.Random()
         self._stop = threading.Event()
-        self._round = threading.Lock()
+        self._round = threading.RLock()
         self._thread: threading.Thread | None = None
         self.last: dict[str, dict[str, Any]] = {}
+        #: called after each round with (trigger, seconds, results): metrics, push
+        self.listeners: list[Callable[[str, float, dict[str, dict[str, Any]]], None]] = []
+        self.round_lock = self._round  # held while a round runs
 
     def start(self) -> None:
         if self._thread is None:
@@ -54,7 +59,7 @@ class AntiEntropy:
             if self._stop.wait(wait):
                 return
             try:
-                self.run_once()
+                self.run_once("timer")
             except Exception:  # a bug must not end anti-entropy for good: log it, go on
                 log.exception("anti-entropy round failed")
 
@@ -73,11 +78,25 @@ class AntiEntropy:
             return {"ok": True, **stats.__dict__, "wire": peer.wire_totals(),
                     "state_root": self.replica.state_root()}
 
-    def run_once(self) -> dict[str, dict[str, Any]]:
-        """Pull from every peer once (rounds never overlap); then commit what can be."""
+    def run_once(self, trigger: str = "request") -> dict[str, dict[str, Any]]:
+        """Pull from every peer once (rounds never overlap); then commit what can be.
+        ``trigger`` (``timer``, ``notice``, ``request``) is passed to the listeners."""
         with self._round:
-            out = {url: self.pull_from(url) for url in self.settings.peers}
+            started = time.perf_counter()
+            out = {}
+            for url in self.settings.peers:
+                began = time.perf_counter()
+                result = self.pull_from(url)
+                result["seconds"] = round(time.perf_counter() - began, 6)
+                result["at"] = time.time()  # shown to operators; never part of any state
+                out[url] = result
             if self.replica.staged_count():
                 self.replica.commit_staged()
-            self.last = out
+            self.last = {**self.last, **out}
+            seconds = time.perf_counter() - started
+            for listener in self.listeners:
+                try:
+                    listener(trigger, seconds, out)
+                except Exception:  # an observer's bug must not fail the round
+                    log.exception("anti-entropy listener failed")
             return out

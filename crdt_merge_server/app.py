@@ -16,9 +16,10 @@ from fastapi import FastAPI
 
 from crdt_merge import __version__
 from crdt_merge.replica import Replica
-from crdt_merge_server import errors, pieces, routes
+from crdt_merge_server import errors, metrics, page, pieces, push, routes
 from crdt_merge_server.auth import Gate
 from crdt_merge_server.limits import HeaderLimits
+from crdt_merge_server.logs import AccessLog
 from crdt_merge_server.service import Service
 from crdt_merge_server.settings import Settings
 
@@ -39,9 +40,13 @@ def create_app(replica_dir: str | os.PathLike[str], settings: Settings | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.anti_entropy.start()  # pulls from the peers, commits what became complete
+        notifier.start()  # tells the peers when the state root moves
+        puller.start()  # pulls when a peer tells of a root this replica lacks
         try:
             yield
         finally:
+            notifier.stop()
+            puller.stop()
             service.close()
 
     app = FastAPI(
@@ -59,4 +64,12 @@ def create_app(replica_dir: str | os.PathLike[str], settings: Settings | None = 
                        max_count=settings.max_headers)
     app.include_router(routes.router)
     app.include_router(pieces.router)
+    # what an operator sees: the status page, /metrics, the access log, push on write
+    app.state.metrics = registry = metrics.Metrics(service)
+    service.anti_entropy.listeners.append(registry.round)
+    app.state.plan_view = page.PlanView()
+    notifier, puller = push.install(app, service, registry)
+    app.include_router(page.router)
+    app.include_router(metrics.router)
+    app.add_middleware(AccessLog, metrics=registry)  # outermost: sees every answer
     return app

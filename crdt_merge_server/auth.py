@@ -73,12 +73,19 @@ class Gate:
         return token
 
 
+#: where a request's scope records the site of its token (read by the access log)
+SITE_KEY = "crdt_merge.site"
+
+
 def require(scope: str) -> Callable[[Request], Token | None]:
     """A FastAPI dependency: the request needs ``scope``."""
 
     def dependency(request: Request) -> Token | None:
         gate: Gate = request.app.state.gate
-        return gate.check(request, scope)
+        token = gate.check(request, scope)
+        if token is not None:  # for the access log: the site, never the token
+            request.scope[SITE_KEY] = token.site
+        return token
 
     dependency.__name__ = f"require_{scope}"
     return dependency

@@ -16,6 +16,7 @@ from typing import TextIO
 import uvicorn
 
 from crdt_merge.errors import BadParameter
+from crdt_merge_server import logs
 from crdt_merge_server.app import create_app
 from crdt_merge_server.auth import is_loopback
 from crdt_merge_server.limits import guarded_protocol
@@ -66,6 +67,7 @@ def serve(replica_dir: str | os.PathLike[str], settings: Settings,
           out: TextIO = sys.stdout) -> None:
     """Serve ``replica_dir`` until interrupted (SIGINT/SIGTERM end it gracefully)."""
     warning = check_exposure(settings)
+    logs.configure(settings.log_format)  # the access log and the server's lines, to stderr
     app = create_app(replica_dir, settings)
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
@@ -80,6 +82,7 @@ def serve(replica_dir: str | os.PathLike[str], settings: Settings,
     tls = ({"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
            if settings.tls_cert else {})
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **tls,
+                            log_config=None,  # logs.configure formats uvicorn's lines too
                             timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_SECONDS,
                             http=guarded_protocol(settings),  # header and drain deadlines
                             h11_max_incomplete_event_size=settings.max_header_bytes)

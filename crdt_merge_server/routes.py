@@ -112,7 +112,10 @@ async def push_ops(request: Request) -> Response:
                 "rejected": {k: {"code": v.code, "detail": v.detail}
                              for k, v in report.rejected.items()}}
 
-    return reply(request, await run_in_threadpool(apply))
+    answer = await run_in_threadpool(apply)
+    request.app.state.metrics.ops_received.labels("push").inc(len(answer["committed"]))
+    request.app.state.notifier.poke()  # push on write: tell the peers of the new root
+    return reply(request, answer)
 
 
 @router.get("/v1/checkpoint", tags=["state"],

@@ -28,6 +28,15 @@
     CRDT_MERGE_TLS_KEY            PEM private key of that certificate
     CRDT_MERGE_PEER_CA            PEM CA bundle to check https peers against (else the
                                   system's)
+    CRDT_MERGE_LOG_FORMAT         ``text`` or ``json``: the access log and the server's own
+                                  log lines (text)
+    CRDT_MERGE_METRICS_SCOPE      the scope ``GET /metrics`` needs: ``read``, ``contribute``,
+                                  ``admin``, or ``none`` for anyone who can reach the server
+                                  (read)
+    CRDT_MERGE_PUSH               ``0`` to stop notifying the peers after a commit (1)
+    CRDT_MERGE_NOTICE_INTERVAL    least seconds between two pulls that notices started (1)
+    CRDT_MERGE_WATCH_INTERVAL     seconds between looks at the state root for commits made
+                                  by other processes (the CLI), which are then pushed (1)
 
 Token file: one token per line, ``SITE SCOPES TOKEN``, scopes comma-separated from
 ``read``, ``contribute``, ``admin`` (each implies the ones before it); ``#`` starts a
@@ -51,6 +60,7 @@ from crdt_merge.crdt.ops import SITE_NAME
 from crdt_merge.errors import BadParameter
 
 SCOPES = ("read", "contribute", "admin")
+LOG_FORMATS = ("text", "json")
 MIN_TOKEN_LENGTH = 16
 
 
@@ -98,6 +108,14 @@ def parse_tokens(text: str, source: str = "token file") -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+def _flag(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 def _read_text(path: str | os.PathLike[str], what: str) -> str:
     try:
         return Path(path).read_text()
@@ -129,6 +147,11 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     peer_ca: Path | None = None
+    log_format: str = "text"
+    metrics_scope: str = "read"
+    push: bool = True
+    notice_interval: float = 1.0
+    watch_interval: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -200,6 +223,13 @@ class Settings:
             tls_cert=pick("tls_cert", "CRDT_MERGE_TLS_CERT", None, Path),
             tls_key=pick("tls_key", "CRDT_MERGE_TLS_KEY", None, Path),
             peer_ca=pick("peer_ca", "CRDT_MERGE_PEER_CA", None, Path),
+            log_format=pick("log_format", "CRDT_MERGE_LOG_FORMAT", cls.log_format),
+            metrics_scope=pick("metrics_scope", "CRDT_MERGE_METRICS_SCOPE", cls.metrics_scope),
+            push=pick("push", "CRDT_MERGE_PUSH", cls.push, _flag),
+            notice_interval=pick("notice_interval", "CRDT_MERGE_NOTICE_INTERVAL",
+                                 cls.notice_interval, float),
+            watch_interval=pick("watch_interval", "CRDT_MERGE_WATCH_INTERVAL",
+                                cls.watch_interval, float),
         )
         if given:
             raise BadParameter(f"unknown settings: {sorted(given)}")
@@ -222,6 +252,14 @@ class Settings:
                        settings.max_headers) < 1):
             raise BadParameter("the header and body timeouts, the minimum body rate and the "
                                "header limits must be positive")
+        if settings.log_format not in LOG_FORMATS:
+            raise BadParameter(f"log format {settings.log_format!r}: use text or json")
+        if settings.metrics_scope not in (*SCOPES, "none"):
+            raise BadParameter(f"metrics scope {settings.metrics_scope!r}: use "
+                               f"{', '.join(SCOPES)} or none")
+        if settings.notice_interval < 0 or settings.watch_interval <= 0:
+            raise BadParameter("the notice interval must not be negative and the watch "
+                               "interval must be positive")
         return settings
 
     def with_(self, **changes: Any) -> Settings:

@@ -605,7 +605,7 @@ def cmd_serve(args: Any) -> tuple[int, Any]:
                         ("--peer-token-file", args.peer_token_file),
                         ("--sync-interval", args.sync_interval),
                         ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
-                        ("--peer-ca", args.peer_ca)):
+                        ("--peer-ca", args.peer_ca), ("--log-format", args.log_format)):
         if value is not None:
             argv += [flag, str(value)]
     for peer in args.peer:

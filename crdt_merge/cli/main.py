@@ -199,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS (with --tls-key)")
     c.add_argument("--tls-key", help="PEM private key of --tls-cert")
     c.add_argument("--peer-ca", help="PEM CA bundle to check https peers against")
+    c.add_argument("--log-format", choices=["text", "json"],
+                   help="access log and server log lines as text (default) or JSON")
 
     c = cmd("eval", "bits per byte and perplexity of a causal LM on a text")
     c.add_argument("model", help="a model folder (config, safetensors, tokenizer)")
