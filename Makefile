@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: env test demo lint bench mergekit-env clean
+.PHONY: env test demo lint bench mergekit-env browser-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ env: $(STAMP)
 mergekit-env:
 	bash tests/oracle/setup_mergekit.sh
 
-test: $(STAMP) mergekit-env
+# the status page's browser test drives Debian's chromium through chromium-driver (selenium);
+# a fresh machine (CI runs as root) gets them from apt
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: $(STAMP) mergekit-env browser-deps
 	$(PY) -m ruff check crdt_merge crdt_merge_server tests
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 

@@ -89,7 +89,8 @@ def install(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        if first.get("loc", ("",))[0] == "path":
+        loc = first.get("loc", ("",))
+        if loc[0] == "path" and str(loc[-1]).endswith("id"):
             return error_response(e.BadId(first.get("input"), where))
         return error_response(e.SchemaError(f"{where}: {first.get('msg', 'invalid')}"))
 

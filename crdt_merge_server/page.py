@@ -23,10 +23,11 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.exceptions import HTTPException
@@ -36,10 +37,14 @@ from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import CrdtMergeError
 from crdt_merge.sync import wire
 from crdt_merge_server.auth import SITE_KEY
+from crdt_merge_server.errors import error_response
 from crdt_merge_server.metrics import peer_label
 from crdt_merge_server.settings import Token
 
 router = APIRouter()
+#: the names a checkpoint's files have (model-00001-of-00002.safetensors, README.md, ...)
+FileName = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$",
+                                    description="a file name of the resolved checkpoint")]
 
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; "
        "form-action 'none'; frame-ancestors 'none'")
@@ -72,6 +77,11 @@ def page_token(request: Request, scope: str = "read") -> Token | None:
     if token is not None:  # for the access log: the site, never the token
         request.scope[SITE_KEY] = token.site
     return token
+
+
+def read_scope(request: Request) -> None:
+    """A FastAPI dependency: :func:`page_token` for the read scope."""
+    page_token(request)
 
 
 def _basic(gate: Any, credentials: str, scope: str) -> Token:
@@ -246,7 +256,7 @@ def render(request: Request) -> str:
         rows.append([esc(c["site"]), f'<span class="label">{esc(c["label"])}</span>',
                      esc(c["form"]), esc(human_bytes(manifest_size(replica, c["manifest"]))),
                      esc(params_text(c["params"])), esc(fate), code(c["op_id"][:16] + "…")])
-    sections.append('<section><h2>Contributions</h2>'
+    sections.append('<section class="wide"><h2>Contributions</h2>'
                     + table(["site", "label", "form", "size", "params", "plan", "op"], rows,
                             "no contributions yet", "contributions") + "</section>")
 
@@ -331,34 +341,35 @@ border-bottom:1px solid #eef0f3;vertical-align:top}th{font-weight:600;color:#4a5
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}dt{color:#4a5568}
 dd{margin:0}code{font:12px ui-monospace,monospace;word-break:break-all}
 .empty,.note{color:#6b7280}.state-live{color:#15803d}.state-revoked{color:#b91c1c}
-.state-replaced{color:#a16207}
+.state-replaced{color:#a16207}section.wide{grid-column:1/-1}td code{white-space:nowrap}
 """
 
 
 @router.get("/", tags=["meta"], response_class=HTMLResponse,
             summary="The status page (HTML); read scope, Bearer or the token as Basic password")
-async def status_page(request: Request, resolve: int = 0) -> Response:
+async def status_page(request: Request, resolve: str = "") -> Response:
+    """``?resolve=1`` resolves the current state first (as ``GET /v1/checkpoint``)."""
     try:
         page_token(request)
-    except wire.Unauthenticated as exc:
-        return HTMLResponse(f"<!doctype html><title>401</title><p>{esc(exc.detail)}</p>",
-                            status_code=401,
-                            headers={**SECURITY_HEADERS, "WWW-Authenticate": CHALLENGE})
+    except wire.Unauthenticated as exc:  # the JSON error, with a challenge a browser answers
+        answer = error_response(exc)
+        answer.headers["WWW-Authenticate"] = CHALLENGE
+        return answer
     service = request.app.state.service
-    if resolve:  # the same work as GET /v1/checkpoint: once per plan, then cached
+    if resolve in ("1", "true", "yes"):  # as GET /v1/checkpoint: once per plan, then cached
         await run_in_threadpool(service.checkpoint)
     page = await run_in_threadpool(render, request)
     return HTMLResponse(page, headers=SECURITY_HEADERS)
 
 
 @router.get("/v1/checkpoint/files/{name}", tags=["state"],
+            dependencies=[Depends(read_scope)],
             summary="A file of the checkpoint resolved for the current state")
-def checkpoint_file(request: Request, name: str) -> Response:
+def checkpoint_file(request: Request, name: FileName) -> Response:
     """Only the names listed in the resolved checkpoint's folder are served (the name is
     compared with that listing, never joined to a path first); ``404`` when the current
     state has not been resolved (``GET /v1/checkpoint``) or the name is not there. Read
     scope, Bearer or Basic (the page links here)."""
-    page_token(request)
     service = request.app.state.service
     plan_id = service.state().get("plan_id")
     if not plan_id:

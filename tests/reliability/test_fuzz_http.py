@@ -82,6 +82,10 @@ DOCUMENTED: dict[tuple[str, str], set[int]] = {
     ("PUT", "/v1/pieces/{object_id}"): {200, 201} | AUTH | BODY,
     ("GET", "/v1/checkpoint"): {200} | AUTH,
     ("POST", "/v1/sync"): {200} | AUTH,
+    ("GET", "/"): {200} | AUTH,
+    ("GET", "/metrics"): {200} | AUTH,
+    ("POST", "/v1/notify"): {202} | AUTH | BODY,
+    ("GET", "/v1/checkpoint/files/{name}"): {200, 404, 422} | AUTH,
 }
 #: an id path parameter that is not one can also miss every route (404) or match another
 #: route's path only (405)
@@ -100,6 +104,8 @@ def media(status: int, method: str, path: str) -> dict[str, Any]:
         return {}
     if path == "/v1/pieces/{object_id}" and method == "GET":
         return {"content": {wire.OCTETS: {}, wire.JSON: {}}}
+    if path in ("/", "/metrics", "/v1/checkpoint/files/{name}"):  # the status page's
+        return {"content": {"text/html": {}, "text/plain": {}, wire.OCTETS: {}}}
     if method == "GET":
         return {"content": {wire.MSGPACK: {}, wire.JSON: {}}}
     return {"content": {wire.MSGPACK: {}}}
@@ -146,8 +152,9 @@ def check_answer(method: str, route: str, status: int, raw_headers: Any, body: b
         assert cls is not CrdtMergeError or code == CrdtMergeError.code, error
         probe = cls.__new__(cls)
         assert status_of(probe) == status, f"{code} answered {status}: {error}"
-    if status == 401:
-        assert headers["www-authenticate"] == "Bearer"
+    if status == 401:  # the status page also offers Basic, so that a browser asks
+        assert headers["www-authenticate"] == ("Bearer" if route != "/" else
+                                               'Bearer, Basic realm="crdt-merge", charset="UTF-8"')
 
 
 # -- a served replica -----------------------------------------------------------------------------
@@ -216,7 +223,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 OPERATIONS = [("GET", "/healthz"), ("GET", "/v1/state"), ("GET", "/v1/ops"),
               ("POST", "/v1/ops"), ("POST", "/v1/ops/reconcile"), ("POST", "/v1/ops/fetch"),
               ("GET", "/v1/checkpoint"), ("POST", "/v1/sync"), ("POST", "/v1/pieces/missing"),
-              ("GET", "/v1/pieces/{object_id}"), ("PUT", "/v1/pieces/{object_id}")]
+              ("GET", "/v1/pieces/{object_id}"), ("PUT", "/v1/pieces/{object_id}"),
+              ("GET", "/"), ("GET", "/metrics"), ("POST", "/v1/notify"),
+              ("GET", "/v1/checkpoint/files/{name}")]
 
 
 def schema_fuzz(site: Site, examples: int) -> dict[str, int]:

@@ -84,8 +84,12 @@ def test_status_page_escapes_what_members_wrote(tmp_path):
         folder = r.path / "checkpoints" / checkpoint["plan_id"]
         got = client.get("/v1/checkpoint/files/model.safetensors")
         assert got.content == (folder / "model.safetensors").read_bytes()
-        for bad in ("..%2Freplica.sqlite", "%2E%2E", "nope.bin", "%2E", "site.key"):
+        for bad in ("nope.bin", "site.key", "replica.sqlite"):  # not in the checkpoint
             assert client.get(f"/v1/checkpoint/files/{bad}").status_code == 404, bad
+        for bad in ("%2E%2E", "%2E", "a%00b", ".hidden"):  # not a file name
+            assert client.get(f"/v1/checkpoint/files/{bad}").status_code == 422, bad
+        # a slash, even encoded, leaves the route
+        assert client.get("/v1/checkpoint/files/..%2Freplica.sqlite").status_code == 404
     r.close()
 
 
