@@ -94,9 +94,12 @@ class StateCollector(Collector):
             "crdt_merge_wanted_objects",
             "Objects lost (quarantined or gone) that the next pull fetches again",
             value=len(r.store.index.wanted()))
+        yield GaugeMetricFamily("crdt_merge_quarantined_ops",
+                                "Stored ops that failed their id or signature when read",
+                                value=len(r.quarantined_ops()))
         yield GaugeMetricFamily("crdt_merge_staged_ops",
                                 "Ops staged, waiting for their objects or membership op",
-                                value=len(r.store.staged_rows()))
+                                value=r.staged_count())
         yield GaugeMetricFamily("crdt_merge_peers", "Peers this server pulls from",
                                 value=len(self.service.settings.peers))
         last = GaugeMetricFamily("crdt_merge_antientropy_last_round_timestamp_seconds",

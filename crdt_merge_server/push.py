@@ -22,6 +22,7 @@ round (plus one more only for notices that arrive while that round is pulling).
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -83,7 +84,9 @@ class Notifier:
 
     def _loop(self) -> None:
         interval = self.service.settings.watch_interval
-        with httpx.Client(timeout=NOTICE_TIMEOUT) as client:
+        ca = self.service.settings.peer_ca  # https peers: checked as anti-entropy checks them
+        verify = ssl.create_default_context(cafile=str(ca)) if ca else True
+        with httpx.Client(timeout=NOTICE_TIMEOUT, verify=verify) as client:
             while not self._stop.is_set():
                 self._wake.wait(interval)
                 self._wake.clear()
