@@ -105,7 +105,7 @@ def _basic(gate: Any, credentials: str, scope: str) -> Token:
 def machine_profile() -> dict[str, str]:
     """The numeric profile of this installation (engine, numeric rules, torch, CPU)."""
     try:
-        from crdt_merge.resolve.execute import numeric_profile
+        from crdt_merge.resolve.profile import numeric_profile
     except ImportError:
         return {"engine": ENGINE}
     return numeric_profile()
