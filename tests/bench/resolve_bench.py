@@ -430,11 +430,17 @@ CASES = {
     "slerp": Case("slerp", (("ft1", None),), base="base", params={"t": 0.5}),
     # issue 16: robust methods over the same four inputs as linear (the base contributed as
     # a fourth donor, so four task vectors), no mergekit equivalent: ratios against linear
+    # (the merge alone: outlier_report false; median_report: with the plan's outlier report)
     "median": Case("median", (("base", None), ("ft1", None), ("ft2", None), ("ft3", None)),
-                   base="base", issue=16, in_mergekit=False),
+                   base="base", params={"outlier_report": "false"}, issue=16,
+                   in_mergekit=False),
     "trimmed_mean": Case("trimmed_mean", (("base", None), ("ft1", None), ("ft2", None),
                                           ("ft3", None)),
-                         base="base", params={"trim": 1}, issue=16, in_mergekit=False),
+                         base="base", params={"trim": 1, "outlier_report": "false"}, issue=16,
+                         in_mergekit=False),
+    "median_report": Case("median", (("base", None), ("ft1", None), ("ft2", None),
+                                     ("ft3", None)),
+                          base="base", issue=16, in_mergekit=False),
 }
 
 
