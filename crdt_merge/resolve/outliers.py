@@ -35,7 +35,7 @@ from typing import Any
 
 from crdt_merge.lazy import torch
 from crdt_merge.methods.clipped import median_value
-from crdt_merge.methods.reduce import tree_sum
+from crdt_merge.methods.reduce import BLOCK, tree_sum_rows
 from crdt_merge.store.manifests import Manifest
 from crdt_merge.store.tensors import load_tensor
 
@@ -58,9 +58,43 @@ def _zeros(n: int) -> list[list[float]]:
     return [[0.0] * n for _ in range(n)]
 
 
-def _sum(x: torch.Tensor) -> float:
-    flat = x.reshape(-1)
-    return tree_sum(lambda s, e: flat[s:e], flat.numel())
+def pair_sums(ds: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]],
+              block: int | None = None) -> list[float]:
+    """``fixed_sum(ds[i] * ds[j])`` for every pair, bit for bit as
+    :func:`crdt_merge.methods.reduce.tree_sum` computes each, in one walk over the blocks
+    (each block of the inputs read once for all pairs; no full-size product)."""
+    block = block or BLOCK
+    n = ds[0].numel() if ds else 0
+    if not pairs:
+        return []
+    if n == 0:
+        return [0.0] * len(pairs)
+
+    def products(s: int, e: int) -> torch.Tensor:
+        return torch.stack([ds[i][s:e] * ds[j][s:e] for i, j in pairs])
+
+    size = 1 << (n - 1).bit_length()
+    if size <= block:
+        return tree_sum_rows(products(0, n)).tolist()
+    count = size // block
+    zeros = torch.zeros(len(pairs), block, dtype=torch.float64)
+
+    def leaf(k: int) -> torch.Tensor:
+        s = k * block
+        if s >= n:
+            return zeros
+        e = min(n, s + block)
+        v = products(s, e)
+        if e - s < block:
+            v = torch.cat([v, zeros[:, : block - (e - s)]], dim=1)
+        return v
+
+    def node(offset: int, stride: int) -> torch.Tensor:
+        if stride == count:
+            return leaf(offset)
+        return node(offset, 2 * stride) + node(offset + stride, 2 * stride)
+
+    return tree_sum_rows(node(0, 1)).tolist()
 
 
 def task_vector_stats(store: Any, base: Manifest, donors: Sequence[tuple[Manifest, str]]) -> Stats:
@@ -83,9 +117,9 @@ def task_vector_stats(store: Any, base: Manifest, donors: Sequence[tuple[Manifes
             x = load_tensor(store, o, torch.float64).reshape(-1)
             ds.append(x if form == "delta" else torch.sub(x, b))
         g = _zeros(n)
-        for i in range(n):
-            for j in range(i, n):
-                g[i][j] = g[j][i] = _sum(ds[i] * ds[j])
+        pairs = [(i, j) for i in range(n) for j in range(i, n)]
+        for (i, j), v in zip(pairs, pair_sums(ds, pairs), strict=True):
+            g[i][j] = g[j][i] = v
         for i in range(n):
             for j in range(n):
                 gram[i][j] = gram[i][j] + g[i][j]

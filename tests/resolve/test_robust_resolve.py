@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crdt_merge.cli.main import main
 from crdt_merge.replica import Replica
@@ -245,3 +247,19 @@ def test_merge_command_takes_a_robust_method_that_from_mergekit_refuses(tmp_path
     capsys.readouterr()
     assert main(["recipe", replica, "--from-mergekit", str(path)]) == 2
     assert "'trimmed_mean' is crdt-merge's own" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 700), k=st.integers(1, 4), block=st.sampled_from([4, 16, 64, 1024]),
+       seed=st.integers(0, 1000))
+def test_pair_sums_are_the_fixed_tree_of_each_product(n, k, block, seed) -> None:
+    from crdt_merge.methods.reduce import tree_sum
+    from crdt_merge.resolve.outliers import pair_sums
+
+    gen = torch.Generator().manual_seed(seed)
+    ds = [torch.randn(n, generator=gen, dtype=torch.float64) * 10 ** (i - 2) for i in range(k)]
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    got = pair_sums(ds, pairs, block)
+    for (i, j), v in zip(pairs, got, strict=True):
+        want = tree_sum(lambda s, e, i=i, j=j: ds[i][s:e] * ds[j][s:e], n, block)
+        assert v == want or (v == 0 and want == 0), (i, j)
