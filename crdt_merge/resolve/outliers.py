@@ -60,18 +60,26 @@ def _zeros(n: int) -> list[list[float]]:
 
 def pair_sums(ds: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]],
               block: int | None = None) -> list[float]:
-    """``fixed_sum(ds[i] * ds[j])`` for every pair, bit for bit as
-    :func:`crdt_merge.methods.reduce.tree_sum` computes each, in one walk over the blocks
-    (each block of the inputs read once for all pairs; no full-size product)."""
-    block = block or BLOCK
+    """``fixed_sum(ds[i] * ds[j])`` for every pair (float64 vectors of one length)."""
     n = ds[0].numel() if ds else 0
+    return pair_sums_of(lambda s, e: [d[s:e] for d in ds], n, pairs, block)
+
+
+def pair_sums_of(vectors: Any, n: int, pairs: Sequence[tuple[int, int]],
+                 block: int | None = None) -> list[float]:
+    """``fixed_sum(v_i * v_j)`` for every pair of the virtual float64 vectors whose
+    elements ``[s, e)`` ``vectors(s, e)`` gives (a list), bit for bit as
+    :func:`crdt_merge.methods.reduce.tree_sum` computes each, in one walk over the blocks:
+    each block is made once for all pairs, and nothing of full size is held."""
+    block = block or BLOCK
     if not pairs:
         return []
     if n == 0:
         return [0.0] * len(pairs)
 
     def products(s: int, e: int) -> torch.Tensor:
-        return torch.stack([ds[i][s:e] * ds[j][s:e] for i, j in pairs])
+        v = vectors(s, e)
+        return torch.stack([v[i] * v[j] for i, j in pairs])
 
     size = 1 << (n - 1).bit_length()
     if size <= block:
@@ -111,14 +119,19 @@ def task_vector_stats(store: Any, base: Manifest, donors: Sequence[tuple[Manifes
         others = [m.tensors.get(name) for m, _ in donors]
         if any(o is None or tuple(o.shape) != tuple(rec.shape) for o in others):
             continue
-        b = load_tensor(store, rec, torch.float64).reshape(-1)
-        ds = []
-        for (_, form), o in zip(donors, others, strict=True):
-            x = load_tensor(store, o, torch.float64).reshape(-1)
-            ds.append(x if form == "delta" else torch.sub(x, b))
+        b = load_tensor(store, rec).reshape(-1)  # stored dtypes, widened a block at a time
+        xs = [load_tensor(store, o).reshape(-1) for o in others]
+        deltas = [form == "delta" for _, form in donors]
+
+        def vectors(s: int, e: int, b: torch.Tensor = b, xs: list = xs,
+                    deltas: list = deltas) -> list[torch.Tensor]:
+            bb = b[s:e].to(torch.float64)
+            return [x[s:e].to(torch.float64) if delta else torch.sub(x[s:e].to(torch.float64), bb)
+                    for x, delta in zip(xs, deltas, strict=True)]
+
         g = _zeros(n)
         pairs = [(i, j) for i in range(n) for j in range(i, n)]
-        for (i, j), v in zip(pairs, pair_sums(ds, pairs), strict=True):
+        for (i, j), v in zip(pairs, pair_sums_of(vectors, b.numel(), pairs), strict=True):
             g[i][j] = g[j][i] = v
         for i in range(n):
             for j in range(n):
