@@ -141,9 +141,7 @@ class Replica:
             f.flush()
             os.fsync(f.fileno())
         store.insert_op(genesis.id, genesis.kind, genesis.site, genesis.clock, genesis.data, [])
-        with store.index.write() as c:
-            c.execute("INSERT INTO meta VALUES ('genesis', ?)", (genesis.id.encode(),))
-            c.execute("INSERT INTO meta VALUES ('site', ?)", (site.encode(),))
+        store.index.set_metas({"genesis": genesis.id.encode(), "site": site.encode()})
         return cls(store)
 
     def close(self) -> None:
@@ -241,6 +239,10 @@ class Replica:
             return None
         return op if op.id == op_id else None
 
+    def wanted_objects(self) -> list[str]:
+        """Objects lost here (quarantined by a read or fsck) and wanted again from a peer."""
+        return self.store.index.wanted()
+
     def quarantined_ops(self) -> list[str]:
         """Ops whose stored bytes failed their id, not yet fetched again from a peer."""
         self.ops()
@@ -318,6 +320,9 @@ class Replica:
             else:
                 out.append(op)
         return out
+
+    def staged_ids(self) -> list[str]:
+        return [op_id for op_id, _ in self.store.staged_rows()]
 
     def staged_count(self) -> int:
         return self.store.index.staged_count()

@@ -79,21 +79,21 @@ def get_object(request: Request, object_id: ObjectId) -> Response:
     if not store.has(object_id):
         raise PieceMissing(object_id)
     if wants_json(request):
-        return reply(request, {"id": object_id, "size": store.files.size(object_id)})
+        return reply(request, {"id": object_id, "size": store.size(object_id)})
     headers = {"ETag": f'"{object_id}"', "Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes",
                "Vary": "Accept"}
     if etag_matches(request.headers.get("if-none-match"), object_id):
         return Response(status_code=304, headers=headers)
     asked = request.headers.get("range")
     if asked:
-        size = store.files.size(object_id)
+        size = store.size(object_id)
         span = parse_range(asked, size)
         if span is False:
             return Response(status_code=416, headers={**headers,
                                                       "Content-Range": f"bytes */{size}"})
         if span:
             start, end = span
-            data = store.files.read_range(object_id, start, end + 1)
+            data = store.read_range(object_id, start, end + 1)
             return Response(data, status_code=206, media_type=wire.OCTETS, headers={
                 **headers, "Content-Range": f"bytes {start}-{start + len(data) - 1}/{size}"})
     return Response(store.get(object_id), media_type=wire.OCTETS, headers=headers)

@@ -405,7 +405,7 @@ def fates(r: Replica, status: dict[str, Any]) -> tuple[dict[str, str], str | Non
 
 
 def cmd_status(args: Any) -> tuple[int, Any]:
-    from crdt_merge.resolve import checkpoint_key
+    from crdt_merge.resolve.checkpoint_cache import Checkpoints
 
     with Replica.open(args.dir) as r:
         s = r.status()
@@ -414,9 +414,8 @@ def cmd_status(args: Any) -> tuple[int, Any]:
             c["fate"] = fate[c["op_id"]]
         s["plan_error"] = why
         s["plan_id"] = the_plan.id if the_plan is not None else None
-        cached = (r.store.index.get_meta(checkpoint_key(the_plan.id, the_plan.method))
-                  if the_plan is not None else None)
-        s["checkpoint_id"] = cached.decode() if cached else None
+        s["checkpoint_id"] = (Checkpoints(r).cached(the_plan)
+                              if the_plan is not None else None)
         s["text"] = status_text(s, short_ids(r.op_ids()))
         if the_plan is not None and the_plan.outliers is not None:
             s["text"] += "\n" + "\n".join(_outlier_status(the_plan, s))

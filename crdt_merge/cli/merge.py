@@ -58,7 +58,8 @@ def _replica_for(config_path: str, cache: str | None) -> Replica:
 def cmd_merge(args: Any) -> tuple[int, Any]:
     from crdt_merge.cli import commands
     from crdt_merge.cli.mergekit_yaml import apply_draft
-    from crdt_merge.resolve import checkpoint_key, execute, plan
+    from crdt_merge.resolve import execute, plan
+    from crdt_merge.resolve.checkpoint_cache import Checkpoints
 
     notes = []
     if args.allow_crimes:
@@ -90,17 +91,17 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
             commands.report_exclusions(r, the_plan)
             raise PlanError(f"{len(excluded)} contribution(s) would be excluded (see above); "
                             "fix the config or pass --allow-exclusions")
-        key = checkpoint_key(the_plan.id, the_plan.method)
-        cached = r.store.index.get_meta(key)
+        cache = Checkpoints(r)
+        cached = cache.cached(the_plan)
         record = _record(out)
         if (cached is not None and record is not None and record.get("plan_id") == the_plan.id
-                and record.get("checkpoint_id") == cached.decode()
+                and record.get("checkpoint_id") == cached
                 and _tokenizer_state(out) == args.copy_tokenizer):
-            checkpoint, reused = cached.decode(), True
+            checkpoint, reused = cached, True
         else:
             with progress.meter("merge", commands._output_bytes(r, the_plan), "wchar"):
                 result = execute(r, the_plan, out, workers=args.workers, max_shard_size=shard)
-            r.store.index.set_meta(key, result.checkpoint_id.encode())
+            cache.record(result)
             checkpoint, reused = result.checkpoint_id, False
             if not args.copy_tokenizer:
                 for name in TOKENIZER_FILES:

@@ -87,8 +87,12 @@ class Index:
         return rows[0][0] if rows else None
 
     def set_meta(self, key: str, value: bytes) -> None:
+        self.set_metas({key: value})
+
+    def set_metas(self, values: dict[str, bytes]) -> None:
+        """Set several keys in one transaction."""
         with self.write() as c:
-            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(values.items()))
 
     # -- objects ------------------------------------------------------------------------
 

@@ -225,6 +225,15 @@ class LocalStore:
             self.index.want([object_id])
             raise
 
+    def size(self, object_id: str) -> int:
+        """The stored length of an object (PieceMissing when its file is gone)."""
+        return self.files.size(object_id)
+
+    def read_range(self, object_id: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of an object, unverified (resumed transfers; the receiver
+        verifies the whole)."""
+        return self.files.read_range(object_id, start, end)
+
     def has(self, object_id: str) -> bool:
         return bool(self.index.has_objects([object_id]))
 

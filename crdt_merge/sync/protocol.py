@@ -252,12 +252,12 @@ def pull(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats
 def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Difference,
           progress: Progress) -> SyncStats:
     stats = SyncStats()
-    lost = replica.store.index.wanted()
+    lost = replica.wanted_objects()
     if lost:  # objects quarantined here: fetch again what the peer has
         _fetch_objects(replica, peer, lost, stats, progress, "repair")
     if state.state_root == replica.state_root() and not replica.pending():
         return stats
-    staged = [op_id for op_id, _ in replica.store.staged_rows()]
+    staged = replica.staged_ids()
     want = ops_to_fetch(replica.ops(), staged, difference.get()[0])
     if want:
         received = peer.get_ops(want)
