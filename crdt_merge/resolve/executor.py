@@ -114,7 +114,8 @@ def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int |
     for name, data in files.items():
         (tmp / name).write_bytes(data)
     labels = {c.op_id: c.label for c in the_plan.contributions}
-    output.write_card(tmp, output.model_card(the_plan.to_wire(), the_plan.id, labels))
+    output.write_card(tmp, output.model_card(the_plan.to_wire(), the_plan.id, labels,
+                                                  the_plan.decisions))
     config_yml = output.mergekit_config(the_plan.to_wire(), labels)
     if config_yml is not None:
         (tmp / output.MERGEKIT_CONFIG).write_text(config_yml)

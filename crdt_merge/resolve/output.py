@@ -141,7 +141,14 @@ def slice_config(config_bytes: bytes, slices: Sequence[Mapping[str, Any]],
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str]) -> str:
+#: decisions that describe how the plan computes (cross_family's anchor, kept tensors and
+#: donor depth maps): functions of the plan, so the card may show them. The others
+#: (excluded contributions, ignored retracts, recipe conflicts) depend on the op set.
+PLAN_DECISIONS = ("cross_family_anchor", "kept_anchor", "cross_family_donor")
+
+
+def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str],
+               decisions: Sequence[Mapping[str, Any]] = ()) -> str:
     """The README.md of the checkpoint: the recipe and every contribution merged.
 
     The card is covered by the checkpoint id (specs/checkpoint.md), so it holds only what
@@ -178,6 +185,12 @@ def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str])
         lines += _slice_lines(plan, labels)
     if plan.get("outliers"):
         lines += outlier_lines(plan, labels)
+    shown = [d for d in decisions if d.get("decision") in PLAN_DECISIONS]
+    if shown:
+        lines += ["", "## How the plan computes", ""]
+        for d in shown:
+            op = f" `{d['op_id'][:16]}`" if d.get("op_id") else ""
+            lines.append(f"- {d['decision']}:{op} {d.get('detail', '')}")
     lines.append("")
     return "\n".join(lines)
 
