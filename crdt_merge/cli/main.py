@@ -222,7 +222,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print(payload: Any, as_json: bool) -> None:
+    """The payload as JSON (without the people's ``text`` rendering of it), or its text."""
     if as_json:
+        if isinstance(payload, dict):
+            payload = {k: v for k, v in payload.items() if k != "text"}
         print(json.dumps(payload, indent=2, sort_keys=True, default=str))
         return
     if isinstance(payload, dict) and "text" in payload:

@@ -196,6 +196,7 @@ def test_plan_prints_text_and_its_json_has_no_text_copy(project, capsys) -> None
     assert text.startswith("plan ") and "method     linear" in text and "{" not in text
     code, plan, _ = run(capsys, "plan", a)
     assert code == 0 and "text" not in plan and plan["method"] == "linear"
+    assert "text" not in run(capsys, "status", a)[1]
 
 
 def test_version_and_help_for_every_option(capsys) -> None:
