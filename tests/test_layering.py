@@ -261,10 +261,7 @@ def test_the_private_name_walk_sees_both_forms(tmp_path):
 
 #: known private uses across modules, each reported to the lead; strict, so fixing one
 #: turns its entry red
-KNOWN_PRIVATE: dict[str, str] = {
-    "crdt_merge.cli.merge": "issue 18: commands._size_arg, _import, _excluded, _output_bytes "
-                            "(the cli helper's module)",
-}
+KNOWN_PRIVATE: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("path", [

@@ -83,7 +83,7 @@ def closing_peer(peer: Any) -> Iterator[Any]:
         peer.close()
 
 
-def _import(replica: Replica, model: str) -> Imported:
+def import_model_into(replica: Replica, model: str) -> Imported:
     with progress.meter(f"import {Path(model).name or model}", progress.files_size(model)):
         if model.endswith(".gguf") and Path(model).is_file():
             from crdt_merge.formats.gguf import import_gguf
@@ -137,7 +137,7 @@ def _planned(r: Replica, extra: list[Op]) -> tuple[Any, str | None]:
         return None, f"{exc.code}: {exc.detail}"
 
 
-def _excluded(the_plan: Any, op_ids: set[str] | None = None) -> list[dict[str, Any]]:
+def excluded_of(the_plan: Any, op_ids: set[str] | None = None) -> list[dict[str, Any]]:
     return [dict(d) for d in the_plan.decisions if d.get("decision") == "excluded"
             and (op_ids is None or d.get("op_id") in op_ids)]
 
@@ -249,11 +249,11 @@ def cmd_contribute(args: Any) -> tuple[int, Any]:
         if adapter and (args.base is None or args.delta):
             raise BadParameter("a PEFT adapter needs --base (the model it was trained on) "
                                "and is not a --delta")
-        base = _import(r, args.base) if args.base else None
+        base = import_model_into(r, args.base) if args.base else None
         if adapter:  # stored as its factors, checked against the base's shapes
             donor = import_adapter(r.store, args.model, r.piece_size, base.manifest)
         else:
-            donor = _import(r, args.model)
+            donor = import_model_into(r, args.model)
         if base is not None and not args.delta and not adapter:
             _check_same_shapes(donor, base)
         fields = dict(form="adapter" if adapter else "delta" if args.delta else "full",
@@ -264,8 +264,8 @@ def cmd_contribute(args: Any) -> tuple[int, Any]:
             candidate = r.contribute(donor.manifest_id, **fields, draft=True)
             planned_before, before = _planned(r, [])
             after, why = _planned(r, [candidate])
-            was = {d["op_id"] for d in _excluded(planned_before)} if planned_before else set()
-            out = [d for d in (_excluded(after) if after is not None else [])
+            was = {d["op_id"] for d in excluded_of(planned_before)} if planned_before else set()
+            out = [d for d in (excluded_of(after) if after is not None else [])
                    if d["op_id"] not in was]
             if out:
                 whose = ("this contribution" if out[0]["op_id"] == candidate.id else
@@ -320,7 +320,7 @@ def _anchor(r: Replica, anchor: str) -> str:
         if r.store.has(anchor):
             return anchor
         raise OpMissing(anchor)
-    return _import(r, anchor).manifest_id
+    return import_model_into(r, anchor).manifest_id
 
 
 def check_drafts(r: Replica, drafts: list[Op], force: bool, hint: str = FORCE_HINT) -> None:
@@ -334,7 +334,7 @@ def check_drafts(r: Replica, drafts: list[Op], force: bool, hint: str = FORCE_HI
     after, why = _planned(r, drafts)
     if after is None:
         raise PlanError(f"the plan would fail: {why} {hint}")
-    out = _excluded(after)
+    out = excluded_of(after)
     if out:
         labels = {op.id: f"{op.site} {op.body['label']!r}" for op in contributions}
         lines = "".join(f"\n  excluded {d['op_id'][:12]} {labels.get(d['op_id'], '')}: "
@@ -348,7 +348,7 @@ def cmd_recipe(args: Any) -> tuple[int, Any]:
         from crdt_merge.cli.mergekit_yaml import apply_mergekit_yaml
         with Replica.open(args.dir) as r:
             payload = apply_mergekit_yaml(
-                r, args.from_mergekit, _import,
+                r, args.from_mergekit, import_model_into,
                 check=lambda rep, drafts: check_drafts(rep, drafts, args.force))
             for note in payload["notes"]:
                 warn(note)
@@ -458,7 +458,7 @@ def cmd_plan(args: Any) -> tuple[int, Any]:
 def report_exclusions(r: Replica, the_plan: Any) -> list[dict[str, Any]]:
     """Print every excluded contribution on stderr (plain text: op id prefix, site, label,
     reason); return them."""
-    out = _excluded(the_plan)
+    out = excluded_of(the_plan)
     held = r.ops()
     for d in out:
         op = held.get(d["op_id"])
@@ -470,14 +470,14 @@ def report_exclusions(r: Replica, the_plan: Any) -> list[dict[str, Any]]:
 def cmd_resolve(args: Any) -> tuple[int, Any]:
     from crdt_merge.resolve import execute, plan, resolve_recorded
     from crdt_merge.resolve.checkpoint_cache import Checkpoints
-    max_shard = _size_arg(args.max_shard_size, "--max-shard-size")
+    max_shard = size_arg(args.max_shard_size, "--max-shard-size")
     with Replica.open(args.dir) as r:
         if args.plan:
             with progress.meter("resolve", None, "wchar"):
                 result = resolve_recorded(r, args.plan, args.out, workers=args.workers)
         else:
             the_plan = plan(r)
-            with progress.meter("resolve", _output_bytes(r, the_plan), "wchar"):
+            with progress.meter("resolve", output_bytes(r, the_plan), "wchar"):
                 result = execute(r, the_plan, args.out, workers=args.workers,
                                  max_shard_size=max_shard)
         Checkpoints(r).record(result)
@@ -498,7 +498,7 @@ def cmd_resolve(args: Any) -> tuple[int, Any]:
         return 0, payload
 
 
-def _size_arg(value: str | int, flag: str, *, count: bool = False) -> int:
+def size_arg(value: str | int, flag: str, *, count: bool = False) -> int:
     if isinstance(value, int):
         return value
     try:
@@ -507,7 +507,7 @@ def _size_arg(value: str | int, flag: str, *, count: bool = False) -> int:
         raise BadParameter(f"{flag} {exc}") from None
 
 
-def _output_bytes(r: Replica, the_plan: Any) -> int | None:
+def output_bytes(r: Replica, the_plan: Any) -> int | None:
     """The bytes of the output's tensors (what resolve writes), for its progress bar."""
     if not progress.enabled():
         return None
@@ -536,7 +536,7 @@ def checkpoint_of(r: Replica) -> dict[str, Any]:
     cached = cache.cached(p)
     if cached is None:
         with tempfile.TemporaryDirectory() as tmp, progress.meter(
-                "resolve", _output_bytes(r, p), "wchar"):
+                "resolve", output_bytes(r, p), "wchar"):
             result = resolve(r, Path(tmp) / "out")
         cache.record(result)
         cached = result.checkpoint_id

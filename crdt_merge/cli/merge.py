@@ -73,12 +73,12 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
     draft = load(args.config, own_methods=True)
     shard = 5 * 1024**3
     if args.out_shard_size is not None:
-        params_per_shard = commands._size_arg(args.out_shard_size, "--out-shard-size", count=True)
+        params_per_shard = commands.size_arg(args.out_shard_size, "--out-shard-size", count=True)
         shard = params_per_shard * BYTES.get(str(draft.params.get("dtype")), 4)
     out = Path(args.out)
     with _replica_for(args.config, args.cache) as r:
         applied = apply_draft(
-            r, draft, args.config, commands._import, prune=True,
+            r, draft, args.config, commands.import_model_into, prune=True,
             check=lambda rep, drafts: commands.check_drafts(
                 rep, drafts, args.allow_exclusions,
                 "(pass --allow-exclusions to merge without them)"))
@@ -86,7 +86,7 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
         for note in notes:
             warn(note)
         the_plan = plan(r)
-        excluded = commands._excluded(the_plan)
+        excluded = commands.excluded_of(the_plan)
         if excluded and not args.allow_exclusions:  # nothing new was drafted, the plan still does
             commands.report_exclusions(r, the_plan)
             raise PlanError(f"{len(excluded)} contribution(s) would be excluded (see above); "
@@ -99,7 +99,7 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
                 and _tokenizer_state(out) == args.copy_tokenizer):
             checkpoint, reused = cached, True
         else:
-            with progress.meter("merge", commands._output_bytes(r, the_plan), "wchar"):
+            with progress.meter("merge", commands.output_bytes(r, the_plan), "wchar"):
                 result = execute(r, the_plan, out, workers=args.workers, max_shard_size=shard)
             cache.record(result)
             checkpoint, reused = result.checkpoint_id, False
