@@ -204,8 +204,8 @@ class _Capture:
     def _hook(self, index: int, role: str) -> Callable[..., None]:
         def hook(_mod: Any, args: tuple[Any, ...], out: Any) -> None:
             x = args[0][0, self.rows]
-            self.inputs[(index, role)] = x.double()
-            self.outputs[(index, role)] = out[0, self.rows].double()
+            self.inputs[(index, role)] = x.float()
+            self.outputs[(index, role)] = out[0, self.rows].float()
         return hook
 
     def close(self) -> None:
@@ -299,7 +299,7 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
         if d_ft_w[name].shape != d_base_w[name].shape:
             raise ModelImportError(f"{name}: the donor's shape differs from its base's")
         if key[1] in roles and not local:
-            task[key] = d_ft_w[name].double() - d_base_w[name].double()
+            task[key] = (d_ft_w[name].double() - d_base_w[name].double()).float()
     # which (layer, role) activations each model must give
     sources = {(layer, role): bucket[layer] if role in WRITERS else [rep[layer]]
                for layer in range(len(a_layers)) for role in roles}
@@ -317,11 +317,12 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
     gram_d: dict[tuple[int, str], Any] = {}
     align: dict[tuple[int, str], Any] = {}
 
-    def add(store: dict, key: tuple[int, str], value: Any) -> None:
+    def add(store: dict, key: tuple[Any, ...], value: Any) -> None:
+        """Per-window products are float32 (BLAS speed); the sums over windows float64."""
         if key in store:
-            store[key] += value
+            store[key] += value.double()
         else:
-            store[key] = value
+            store[key] = value.double()
 
     pieces = windows_of(text, params.window_chars)
     if params.max_windows:
@@ -344,19 +345,20 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
                     perm = torch.randperm(len(d_rows), generator=gen).tolist()
                     d_rows = [d_rows[i] for i in perm]
                 d_cap.rows, a_cap.rows = d_rows, a_rows
+                if f_cap is not None:
+                    f_cap.rows = d_rows
                 d_args = {"input_ids": d_enc["input_ids"],
                           "attention_mask": d_enc["attention_mask"]}
                 donor_base(**d_args)
                 anchor(input_ids=a_enc["input_ids"], attention_mask=a_enc["attention_mask"])
                 if local:
                     replay = _Patch(f_layers, record.seen)
-                    f_cap.rows = d_rows
                     try:
                         donor(**d_args)
                     finally:
                         replay.close()
                 positions += len(d_rows)
-                grams_done: set[tuple[int, str]] = set()
+                grams_done: set[tuple[Any, ...]] = set()
                 for (layer, role), ms in sources.items():
                     key = (layer, role)
                     x_a = a_cap.inputs[key]
@@ -379,8 +381,11 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
                     y_d = (d_cap.inputs if by_input else d_cap.outputs)[(rep[layer],
                                                                         aligner[role])]
                     y_a = (a_cap.inputs if by_input else a_cap.outputs)[(layer, aligner[role])]
-                    add(gram_d, key, y_d.T @ y_d)
-                    add(align, key, y_d.T @ y_a)
+                    akey = (layer, aligner[role], by_input)  # gate and up share theirs
+                    if akey not in grams_done:
+                        add(gram_d, akey, y_d.T @ y_d)
+                        add(align, akey, y_d.T @ y_a)
+                        grams_done.add(akey)
                 if progress is not None:
                     progress(n + 1, len(pieces))
     finally:
@@ -395,13 +400,17 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
 
     deltas: dict[str, Any] = {}
     stats: dict[str, dict[str, float]] = {}
+    solved: dict[tuple[Any, ...], Any] = {}
     for (layer, role) in sources:
         key = (layer, role)
         if key not in cross:
             continue
         name = a_names[key]
         w_a = a_w[name].double()
-        s = _ridge_solve(gram_d[key], align[key], params.align_ridge)
+        akey = (layer, aligner[role], aligner[role] != role)
+        if akey not in solved:
+            solved[akey] = _ridge_solve(gram_d[akey], align[akey], params.align_ridge)
+        s = solved[akey]
         update = _ridge_solve(gram_a[(layer, INPUT_OF[role])], cross[key] @ s, params.ridge).T
         raw = float(update.norm())
         if params.top_k:
