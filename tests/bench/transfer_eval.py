@@ -180,10 +180,15 @@ def matrices_only(base: Path, ft: Path, target: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/transfer-eval"))
-    parser.add_argument("--calibration-chars", type=int, default=60000,
+    parser.add_argument("--calibration-chars", type=int, default=30000,
                         help="characters of news *training* text run through the models")
-    parser.add_argument("--experiments", nargs="*", default=["twin", "gemma"])
-    parser.add_argument("--modes", nargs="*", default=["direct", "local"])
+    parser.add_argument("--steps", type=int, default=8,
+                        help="fine-tuning steps (merge_quality's settings otherwise)")
+    parser.add_argument("--eval-total", type=int, default=6000,
+                        help="held-out characters scored per domain (about)")
+    parser.add_argument("--phases", nargs="*", default=[
+        "twin", "twin-random", "gemma", "gemma-random", "ceiling", "twin-weights",
+        "gemma-weights", "twin-local", "gemma-local"], help="what to run, in this order")
     args = parser.parse_args(argv)
 
     import torch
@@ -198,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     smol = real_model("smollm2-135m")
     data = texts()
-    held = {d: "\n\n".join(scored_text(data[d][1], 1500, 10000)) for d in ("news", "wiki")}
+    held = {d: "\n\n".join(scored_text(data[d][1], 1500, args.eval_total))
+            for d in ("news", "wiki")}
     calibration = "\n\n".join(data["news"][0])[: args.calibration_chars]
-    ft_args = argparse.Namespace(steps=16, batch=4, seq_len=128, lr=1e-4)
+    ft_args = argparse.Namespace(steps=args.steps, batch=4, seq_len=128, lr=1e-4)
     log("fine-tuning SmolLM2-135M on news (the merge_quality settings)")
     train = fine_tune(smol, data["news"][0], out / "smollm2-news", ft_args)
     ft = out / "smollm2-news"
@@ -215,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
 
     score("smollm2", smol)
     score("smollm2-news", ft)
-    if "twin" in args.experiments:
-        twin_dir = out / "twin"
+    twin_dir = out / "twin"
+    gemma = real_model("gemma-3-270m")
+
+    def make_twin() -> None:
         twin_dir.mkdir(exist_ok=True)
         if not (twin_dir / "base" / "config.json").exists():
             base_m, _ = tr.load(smol)
@@ -236,36 +244,49 @@ def main(argv: list[str] | None = None) -> int:
             save(tf, smol, twin_dir / "ft")
             save(tb, smol, twin_dir / "base")
         results["twin_check"] = json.loads((twin_dir / "check.json").read_text())
-        score("matrices-only ceiling", matrices_only(smol, ft, out / "matrices-only"))
-        for mode in args.modes:
-            for control in ("none", "random") if mode == "direct" else ("none",):
-                name = f"twin->smollm2 {mode}" + (" random" if control == "random" else "")
-                work = out / name.replace(" ", "_").replace(">", "")
-                work.mkdir(exist_ok=True)
-                log(f"transfer {name}")
-                results["transfers"][name] = run_transfer(
-                    work, twin_dir / "base", twin_dir / "ft", smol, calibration,
-                    tr.TransferParams(mode=mode, control=control))
-                score(name, merged_with_delta(work, smol, work / "delta"))
-        work = out / "twin-weights-only"
+
+    def transferred(name: str, donor_base: Path, donor: Path, anchor: Path, mode: str,
+                    control: str) -> None:
+        work = out / name.replace(" ", "_").replace(">", "")
         work.mkdir(exist_ok=True)
-        score("twin->smollm2 weights-only", weights_only(work, smol, twin_dir / "ft"))
-    if "gemma" in args.experiments:
-        gemma = real_model("gemma-3-270m")
-        score("gemma", gemma)
-        for mode in args.modes:
-            for control in ("none", "random") if mode == "direct" else ("none",):
-                name = f"smollm2-news->gemma {mode}" + (" random" if control == "random" else "")
-                work = out / name.replace(" ", "_").replace(">", "")
-                work.mkdir(exist_ok=True)
-                log(f"transfer {name}")
-                results["transfers"][name] = run_transfer(
-                    work, smol, ft, gemma, calibration,
-                    tr.TransferParams(mode=mode, control=control))
-                score(name, merged_with_delta(work, gemma, work / "delta"))
-        work = out / "gemma-weights-only"
-        work.mkdir(exist_ok=True)
-        score("smollm2-news->gemma weights-only", weights_only(work, gemma, ft))
+        log(f"transfer {name}")
+        results["transfers"][name] = run_transfer(
+            work, donor_base, donor, anchor, calibration,
+            tr.TransferParams(mode=mode, control=control))
+        score(name, merged_with_delta(work, anchor, work / "delta"))
+
+    for phase in args.phases:
+        if phase in ("twin", "twin-random", "twin-local", "twin-weights"):
+            make_twin()
+        if phase == "twin":
+            transferred("twin->smollm2 direct", twin_dir / "base", twin_dir / "ft", smol,
+                        "direct", "none")
+        elif phase == "twin-random":
+            transferred("twin->smollm2 direct random", twin_dir / "base", twin_dir / "ft", smol,
+                        "direct", "random")
+        elif phase == "twin-local":
+            transferred("twin->smollm2 local", twin_dir / "base", twin_dir / "ft", smol,
+                        "local", "none")
+        elif phase == "ceiling":
+            score("matrices-only ceiling", matrices_only(smol, ft, out / "matrices-only"))
+        elif phase == "twin-weights":
+            work = out / "twin-weights-only"
+            work.mkdir(exist_ok=True)
+            score("twin->smollm2 weights-only", weights_only(work, smol, twin_dir / "ft"))
+        elif phase == "gemma":
+            score("gemma", gemma)
+            transferred("smollm2-news->gemma direct", smol, ft, gemma, "direct", "none")
+        elif phase == "gemma-random":
+            transferred("smollm2-news->gemma direct random", smol, ft, gemma, "direct",
+                        "random")
+        elif phase == "gemma-local":
+            transferred("smollm2-news->gemma local", smol, ft, gemma, "local", "none")
+        elif phase == "gemma-weights":
+            score("gemma", gemma)
+            work = out / "gemma-weights-only"
+            work.mkdir(exist_ok=True)
+            score("smollm2-news->gemma weights-only", weights_only(work, gemma, ft))
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     log(f"results: {out / 'results.json'}")
     return 0
