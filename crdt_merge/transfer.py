@@ -1,4 +1,4 @@
-"""Cross-family transfer from calibration activations (specs/cross-family.md section 6).
+"""Cross-family transfer from calibration activations (specs/cross-family.md section 7).
 
 A site fine-tuned a *donor* model (``donor_base`` -> ``donor``) of one family and wants its
 fine-tune in an *anchor* of another family. Weights alone share no coordinates between two

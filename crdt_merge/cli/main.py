@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from crdt_merge.cli import commands, folder, ops_export, progress
+from crdt_merge.cli import transfer as transfer_cli
 from crdt_merge.errors import CrdtMergeError
 
 
@@ -178,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     oe.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                     help="print machine-readable JSON")
 
+    c = cmd("transfer", "carry a fine-tune from another family into an anchor (activations)")
+    transfer_cli.add_arguments(c)
+
     c = cmd("fsck", "verify every stored object and op")
     replica_dir(c)
 
@@ -239,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C or a closed pipe)."""
     try:
         args = _parser().parse_args(argv)
-        extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops}
+        extra = {"verify-folder": folder.cmd_verify_folder, "ops": ops_export.cmd_ops,
+                 "transfer": transfer_cli.cmd_transfer}
         if args.command == "merge":
             from crdt_merge.cli.merge import cmd_merge as handler
         else:

@@ -19,7 +19,6 @@ from crdt_merge.errors import BadParameter
 from crdt_merge.hashing import digest
 
 
-
 def _package(name: str) -> str:
     try:
         return version(name)

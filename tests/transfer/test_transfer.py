@@ -1,4 +1,4 @@
-"""The cross-family transfer (crdt_merge/transfer.py, specs/cross-family.md section 6).
+"""The cross-family transfer (crdt_merge/transfer.py, specs/cross-family.md section 7).
 
 The known-answer case is a rotated twin (tests/fixtures/twin.py): the same function as a
 tiny Llama in other coordinates (rotated residual stream, permuted neurons and heads,
@@ -215,3 +215,85 @@ def test_text_without_a_shared_word_end_is_refused(twin_case):
     with pytest.raises(BadParameter, match="no position"):
         tr.transfer(twin_base, twin_ft, base, char_tokenizer(), char_tokenizer(), "   ...  ",
                     tr.TransferParams(window_chars=60))
+
+
+# -- the command: an ordinary signed delta, with its provenance, resolved alike everywhere --
+
+
+def _cli(capsys, *args: str) -> tuple[int, dict]:
+    import json
+
+    from crdt_merge.cli.main import main
+
+    code = main(["--json", *args])
+    captured = capsys.readouterr()
+    out = captured.out if captured.out.strip() else captured.err
+    return code, json.loads(out) if out.strip() else {}
+
+
+def test_the_transfer_command_contributes_a_delta_every_replica_resolves_alike(tmp_path,
+                                                                                capsys):
+    import blake3
+
+    donor_base = build("llama", seed=0).eval()
+    donor = fine_tuned(donor_base)
+    anchor = build("gemma3", seed=5).eval()
+    folders = {}
+    for name, model, tok in (("donor-base", donor_base, char_tokenizer()),
+                             ("donor", donor, char_tokenizer()),
+                             ("anchor", anchor, pair_tokenizer())):
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    text = calibration(300).encode()
+    (tmp_path / "calib.txt").write_bytes(text)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert _cli(capsys, "init", a, "--site", "alpha", "--profile", "test")[0] == 0
+    code, out = _cli(capsys, "transfer", a, "--donor-base", str(folders["donor-base"]),
+                     "--donor", str(folders["donor"]), "--anchor", str(folders["anchor"]),
+                     "--calibration", str(tmp_path / "calib.txt"), "--window-chars", "60")
+    assert code == 0, out
+    prov = out["provenance"]
+    assert prov["calibration_blake3"] == blake3.blake3(text).hexdigest()
+    assert prov["calibration_bytes"] == len(text) and prov["engine"] == tr.ENGINE
+    assert prov["anchor"] == out["base"] and out["changed_tensors"] == 2 * 7
+    assert len({prov["donor_base"], prov["donor"], prov["anchor"]}) == 3
+    code, _ = _cli(capsys, "recipe", a, "--method", "task_arithmetic", "--param", "lambda=1",
+                   "--anchor", str(folders["anchor"]))
+    assert code == 0
+    code, joined = _cli(capsys, "init", b, "--site", "beta", "--join", a)
+    assert code == 0
+    ra = _cli(capsys, "resolve", a, "--out", str(tmp_path / "oa"), "--workers", "1")[1]
+    rb = _cli(capsys, "resolve", b, "--out", str(tmp_path / "ob"), "--workers", "2")[1]
+    assert ra["checkpoint_id"] == rb["checkpoint_id"]
+    # the output is the anchor plus the update, in the anchor's family
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "oa" / "model.safetensors"))
+    weights = {n: p.detach() for n, p in anchor.named_parameters()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert merged[name].shape == weights[name].shape
+    assert not torch.equal(merged[name], weights[name])
+    assert torch.equal(merged["model.layers.0.input_layernorm.weight"],
+                       weights["model.layers.0.input_layernorm.weight"])
+    # the op carries the provenance (replicas see where the delta came from)
+    ops = {op_id: op for op_id, op in _ops(b).items() if op.kind == "contribute"}
+    (op,) = ops.values()
+    assert op.body["provenance"]["calibration_blake3"] == prov["calibration_blake3"]
+
+
+def _ops(path: str) -> dict:
+    from crdt_merge.replica import Replica
+
+    with Replica.open(path) as r:
+        return dict(r.ops())
+
+
+def test_the_transfer_command_refuses_a_bad_calibration_file(tmp_path, capsys):
+    a = str(tmp_path / "a")
+    assert _cli(capsys, "init", a, "--site", "alpha", "--profile", "test")[0] == 0
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    code, err = _cli(capsys, "transfer", a, "--donor-base", str(tmp_path), "--donor",
+                     str(tmp_path), "--anchor", str(tmp_path), "--calibration",
+                     str(tmp_path / "bad.txt"))
+    assert code == 2 and err["error"] == "bad_parameter" and "utf-8" in err["detail"]
