@@ -2,7 +2,7 @@
 
 Carries a fine-tune (``M' - M``) made in one architecture family into the anchor's family
 from activations on a calibration text (crdt_merge/transfer.py, specs/cross-family.md
-section 6), and contributes the result as an ordinary, signed delta against the anchor,
+section 7), and contributes the result as an ordinary, signed delta against the anchor,
 with its provenance in the op. The activation step runs here, once, and is not bit-exact
 across CPUs; every replica then resolves the same bytes from the stored delta.
 """
