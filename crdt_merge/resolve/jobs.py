@@ -22,6 +22,7 @@ from crdt_merge.dtypes import FLOATS, out_dtype
 from crdt_merge.methods import OutputTensor, get_method
 from crdt_merge.resolve.io import require_pieces
 from crdt_merge.resolve.merge_plan import ANCHOR, JobInputs, MergePlan, slice_layout
+from crdt_merge.store.adapter import AdapterTable, adapter_table
 from crdt_merge.store.manifests import Manifest, TensorRecord
 
 __all__ = ["Job", "SliceInputs", "SlicedDonor", "SlicedTensor", "config_num_layers",
@@ -61,6 +62,19 @@ class SliceInputs:
 
 
 @dataclass(frozen=True)
+class LoraInput:
+    """One adapter module's factors: the donor is ``base + scale * B @ A`` (float64,
+    specs/methods.md section 10)."""
+
+    a: TensorRecord
+    b: TensorRecord
+    rank: int
+    alpha: float
+    rslora: bool
+    transpose: bool
+
+
+@dataclass(frozen=True)
 class Job:
     """One output tensor: everything a worker needs."""
 
@@ -79,6 +93,8 @@ class Job:
     num_layers: int
     #: set for a sliced plan: then donors are per slice source, not per contribution
     sliced: SliceInputs | None = None
+    #: per donor, the LoRA factors an adapter contribution adds to the base (form "lora")
+    lora: tuple[LoraInput | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,18 +194,45 @@ def plan_jobs(plan: MergePlan, inputs: JobInputs,
         return jobs
     base = manifests[plan.base] if plan.base else None
     reference = base or manifests[plan.contributions[0].manifest]
+    # an adapter's delta is materialised from its factors before the method runs: its input
+    # is then a full fine-tune of the base (specs/methods.md section 10)
+    tables = {c.manifest: adapter_table(manifests[c.manifest], base)
+              for c in plan.contributions if c.form == "adapter"}
     for name, rec in reference.tensors.items():
         path, offset = shards[name]
+        given = [_donor_input(c, name, manifests, base, tables) for c in plan.contributions]
         jobs.append(Job(
             name=name, store=str(store.root), plan=plan, plan_id=plan_id,
             base=base.tensors[name] if base else None,
-            donors=tuple(manifests[c.manifest].tensors[name] for c in plan.contributions),
-            forms=tuple(c.form for c in plan.contributions),
+            donors=tuple(d[0] for d in given), forms=tuple(d[1] for d in given),
             out_dtype=out_dtype(plan.dtype, rec.dtype), shape=rec.shape, path=path,
             offset=offset, piece_size=inputs.piece_size, num_layers=inputs.num_layers,
+            lora=tuple(d[2] for d in given) if tables else None,
         ))
-    require_pieces(store, [r for j in jobs for r in (j.base, *j.donors)])
+    require_pieces(store, [r for j in jobs for r in (j.base, *j.donors, *_factors(j))])
     return jobs
+
+
+def _factors(job: Job) -> list[TensorRecord]:
+    return [r for lora in (job.lora or ()) if lora is not None for r in (lora.a, lora.b)]
+
+
+def _donor_input(c: Any, name: str, manifests: Mapping[str, Manifest], base: Manifest | None,
+                 tables: Mapping[str, AdapterTable]) -> tuple[TensorRecord, str, LoraInput | None]:
+    """One contribution's input to output tensor ``name``: (record, form, LoRA factors).
+    An adapter's input is the base's tensor plus its module's delta (form ``lora``), its
+    replacement (``modules_to_save``), or the base's tensor unchanged."""
+    if c.form != "adapter":
+        return manifests[c.manifest].tensors[name], c.form, None
+    assert base is not None  # the plan keeps adapters only with their base
+    adapter, table = manifests[c.manifest], tables[c.manifest]
+    if name in table.replace:
+        return adapter.tensors[table.replace[name]], "full", None
+    mod = table.lora.get(name)
+    if mod is None:
+        return base.tensors[name], "full", None
+    return base.tensors[name], "lora", LoraInput(adapter.tensors[mod.a], adapter.tensors[mod.b],
+                                                 mod.rank, mod.alpha, mod.rslora, mod.transpose)
 
 
 def delta_bases(job: Job) -> Sequence[TensorRecord | None]:
@@ -212,7 +255,7 @@ def streamable(job: Job) -> bool:
     """Whether the job can merge a piece at a time: a method with a raw kernel, float
     inputs of the output's shape, and a piece size every dtype's chunk divides."""
     method = get_method(job.plan.method)
-    if method.raw_kernel is None or job.out_dtype not in FLOATS:
+    if method.raw_kernel is None or job.out_dtype not in FLOATS or "lora" in job.forms:
         return False
     records = [*job.donors, *shared_inputs(job, method.base != "ignored")]
     return (numel(job.shape) > 0 and job.piece_size % 8 == 0 and bool(records)

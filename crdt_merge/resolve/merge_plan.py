@@ -151,6 +151,23 @@ class MergePlan:
                 **self.to_wire(), "decisions": [dict(d) for d in self.decisions]}
 
 
+def _adapter_problem(adapter: Manifest, base: Manifest | None, whole: bool,
+                     sliced: bool) -> str | None:
+    """Why an adapter contribution cannot take part, or None: its table must be valid for
+    the plan's base (specs/formats.md section 11); whole-model methods (cross_family...)
+    and layer slices do not take adapters."""
+    from crdt_merge.errors import ModelImportError
+    from crdt_merge.store.adapter import adapter_table
+
+    if whole or sliced:
+        return "adapters take part in per-tensor merges onto their base without slices only"
+    try:
+        adapter_table(adapter, base)
+    except ModelImportError as exc:
+        return exc.detail
+    return None
+
+
 def _shape_problem(donor: Manifest, reference: Manifest) -> str | None:
     for name, rec in reference.tensors.items():
         other = donor.tensors.get(name)
@@ -366,19 +383,27 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         bases = {c.base for c in contributions if c.base is not None}
         if len(bases) == 1:
             base = bases.pop()
-    if base is None and (method.needs_base or any(c.form == "delta" for c in contributions)):
+    if base is None and (method.needs_base or any(c.form in ("delta", "adapter")
+                                                  for c in contributions)):
         raise PlanError(f"method {method.name} needs a base model: give the recipe an anchor "
                         "(`--anchor MODEL`) or contribute with `--base`")
     base_manifest = replica.get_manifest(base) if base else None
 
     kept: list[Contribution] = []
     for c in contributions:
-        if c.form == "delta" and c.base != base:
+        if c.form in ("delta", "adapter") and c.base != base:
             decisions.append({"decision": "excluded", "op_id": c.op_id,
-                              "detail": f"delta against base {c.base}, the plan's base is {base}"})
+                              "detail": f"{c.form} against base {c.base}, the plan's base is {base}"})
             continue
         donor = replica.get_manifest(c.manifest)
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
+        if c.form == "adapter":  # its table is checked against the base instead of shapes
+            problem = _adapter_problem(donor, base_manifest, whole is not None, slices is not None)
+            if problem:
+                decisions.append({"decision": "excluded", "op_id": c.op_id,
+                                  "detail": f"adapter: {problem}"})
+                continue
+            reference = None
         # with slices, shapes are checked per output tensor (models may differ in depth)
         problem = (_shape_problem(donor, reference)
                    if reference is not None and slices is None

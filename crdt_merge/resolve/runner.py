@@ -48,6 +48,7 @@ from crdt_merge.resolve.io import (
 )
 from crdt_merge.resolve.jobs import (
     Job,
+    LoraInput,
     delta_bases,
     layer_index,
     numel,
@@ -55,6 +56,7 @@ from crdt_merge.resolve.jobs import (
     streamable,
 )
 from crdt_merge.resolve.merge_plan import ANCHOR
+from crdt_merge.store.manifests import TensorRecord
 from crdt_merge.store.objects import ObjectFiles
 from crdt_merge.store.tensors import supported, torch_dtype
 
@@ -116,9 +118,12 @@ def run_job(job: Job) -> tuple[str, list[str]]:
     # a block at a time where it streams, and rounds its result once to the output dtype
     base = read_tensor(files, job.base) if job.base is not None else None
     donors = []
-    for rec, form, below in zip(job.donors, job.forms, under, strict=True):
+    for i, (rec, form, below) in enumerate(zip(job.donors, job.forms, under, strict=True)):
         t = read_tensor(files, rec)
-        if form == "delta" and below is not None:
+        lora = job.lora[i] if job.lora is not None else None
+        if form == "lora" and lora is not None:
+            t = _lora_donor(files, t, lora)
+        elif form == "delta" and below is not None:
             b = base if below == job.base and base is not None else read_tensor(files, below)
             t = b.to(torch.float64) + t.to(torch.float64)
         donors.append(t)
@@ -128,6 +133,20 @@ def run_job(job: Job) -> tuple[str, list[str]]:
         keys=tuple(stream_key(plan.seed or job.plan_id, job.name, i) for i in ids),
         layer_index=layer, num_layers=length, out_dtype=torch_dtype(job.out_dtype)))
     return job.name, write_output(out, job.path, job.offset, job.piece_size)
+
+
+def _lora_donor(files: ObjectFiles, under: torch.Tensor, lora: LoraInput) -> torch.Tensor:
+    """``under + delta`` in float64, the delta materialised from the adapter's factors
+    (exact widening, :func:`crdt_merge.methods.lora.lora_delta`: fixed order, no BLAS)."""
+    from crdt_merge.methods.lora import lora_delta, lora_scale
+
+    def wide(rec: TensorRecord) -> np.ndarray:
+        raw = read_record(files, rec).view(RAW_DTYPES[rec.dtype])
+        return widen_raw(raw, rec.dtype, np.empty(raw.size, dtype=np.float64)).reshape(rec.shape)
+
+    delta = lora_delta(wide(lora.a), wide(lora.b), lora_scale(lora.alpha, lora.rank, lora.rslora),
+                       lora.transpose)
+    return under.to(torch.float64) + torch.from_numpy(delta)
 
 
 def stream_merge(files: ObjectFiles, job: Job, method: Method,

@@ -60,3 +60,32 @@ def test_gguf_and_bin_in_gguf_out(tiny_models, tmp_path: Path, capsys) -> None:
     want = load_file(str(ft / "model.safetensors"))
     for name, t in want.items():
         assert merged[name].tobytes() == t.tobytes(), name
+
+
+def test_contribute_an_adapter_through_the_cli(tiny_models, tmp_path: Path, capsys) -> None:
+    from tests.formats.peft_helpers import make_adapter
+
+    base = tiny_models.get("llama")
+    good = make_adapter(base, tmp_path / "lora", 1, r=2, lora_alpha=4, target_modules=["q_proj"])
+    dora = make_adapter(base, tmp_path / "dora", 1, r=2, lora_alpha=4, target_modules=["q_proj"],
+                        use_dora=True)
+    a = str(tmp_path / "a")
+    assert cli(capsys, "init", a, "--site", "alpha", "--profile", "test")[0] == 0
+    code, out = cli(capsys, "contribute", a, str(good))
+    assert code != 0 and "--base" in json.dumps(out)
+    code, out = cli(capsys, "contribute", a, str(dora), "--base", str(base))
+    assert code != 0 and "DoRA" in json.dumps(out)
+    code, out = cli(capsys, "contribute", a, str(good), "--base", str(base), "--weight", "1")
+    assert code == 0, out
+    code, status = cli(capsys, "status", a)
+    assert code == 0 and '"adapter"' in json.dumps(status)
+    code, out = cli(capsys, "recipe", a, "--method", "task_arithmetic", "--anchor", str(base))
+    assert code == 0, out
+    code, out = cli(capsys, "resolve", a, "--out", str(tmp_path / "m"))
+    assert code == 0, out
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))
+    plain = load_file(str(base / "model.safetensors"))
+    assert not (merged["model.layers.0.self_attn.q_proj.weight"]
+                == plain["model.layers.0.self_attn.q_proj.weight"]).all()
+    assert (merged["model.layers.0.self_attn.k_proj.weight"]
+            == plain["model.layers.0.self_attn.k_proj.weight"]).all()
