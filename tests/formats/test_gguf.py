@@ -147,3 +147,31 @@ def test_export_records_the_hash_beside_the_checkpoint(tiny, tmp_path: Path) -> 
     assert record["blake3"] == blake3.blake3((tmp_path / "out.gguf").read_bytes()).hexdigest()
     with pytest.raises(PlanError, match="outside"):
         export_gguf(folder, folder / "in.gguf", "f16")
+
+
+def test_bpe_tokenizer_metadata(tiny_models, tmp_path: Path) -> None:
+    """A byte-level BPE tokenizer.json is written as GGUF tokenizer metadata that
+    transformers' GGUF tokenizer conversion reads back to the same token ids."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models.get("llama", vocab_size=320), folder)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the merged model speaks", "replicas agree on the same bytes", "hello world"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    info = write_gguf(folder, tmp_path / "t.gguf", "f16")
+    assert info["tokenizer"] == "gpt2"
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    want = AutoTokenizer.from_pretrained(str(folder))
+    for sample in ["hello world", "the replicas speak the same bytes", "ünïcode and 123"]:
+        assert (back(sample, add_special_tokens=False)["input_ids"]
+                == want(sample, add_special_tokens=False)["input_ids"]), sample
