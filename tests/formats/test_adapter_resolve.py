@@ -110,6 +110,10 @@ def test_two_adapters_through_ties_equal_their_deltas_as_models(tiny_models, tmp
         base_id = _contribute_adapter(r, base, ad, weight=["1", "0.5"][i])
     r.set_recipe("ties", recipe, anchor=base_id)
     ours = _resolve(r, tmp_path / "out-adapters")
+    # one worker or two: the same bytes
+    execute(r, plan(r), tmp_path / "out-one", workers=1)
+    assert ((tmp_path / "out-one" / "model.safetensors").read_bytes()
+            == (tmp_path / "out-adapters" / "model.safetensors").read_bytes())
     # the same deltas as float64 delta models
     s = _project(tmp_path / "y")
     plain = load_file(str(base / "model.safetensors"))

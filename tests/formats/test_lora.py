@@ -226,3 +226,41 @@ def test_against_peft_delta_weight(base, tmp_path) -> None:
     theirs = layer.get_delta_weight("default").detach().double().numpy()
     assert np.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
     assert not np.array_equal(ours, np.zeros_like(ours))
+
+
+def _forged(manifest, **change):
+    from crdt_merge.store.manifests import Manifest
+    meta = json.loads(json.dumps(manifest.meta))
+    for target, entry in meta["lora"].items():
+        entry.update(change.get("entry", {}))
+        break
+    meta.update(change.get("meta", {}))
+    tensors = dict(manifest.tensors)
+    tensors.update(change.get("tensors", {}))
+    return Manifest(manifest.piece_size, tensors, manifest.files, meta)
+
+
+def test_forged_adapter_tables_are_refused(replicas, base, tmp_path) -> None:
+    """A hostile contributor writes the manifest by hand: a table that lies about the rank,
+    names a tensor twice, hides an extra tensor, or is not LoRA is refused by adapter_table,
+    which every replica's plan runs."""
+    a = replicas[0]
+    folder = make_adapter(base, tmp_path / "ad", 6, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    base_m = import_model(a.store, str(base), a.piece_size).manifest
+    good = import_adapter(a.store, str(folder), a.piece_size, base_m).manifest
+    adapter_table(good, base_m)
+    first = next(iter(good.meta["lora"].values()))
+    second = list(good.meta["lora"].values())[1]
+    cases = {
+        "rank": dict(entry={"r": 3}),
+        "twice": dict(entry={"a": second["a"]}),
+        "missing": dict(entry={"b": "no.such.tensor"}),
+        "alpha": dict(entry={"alpha": "1e3"}),
+        "kind": dict(meta={"adapter": "dora"}),
+        "extra": dict(tensors={"extra.weight": good.tensors[first["a"]]}),
+        "int": dict(tensors={first["a"]: good.tensors[first["a"]].__class__(
+            "I32", good.tensors[first["a"]].shape, good.tensors[first["a"]].pieces)}),
+    }
+    for change in cases.values():
+        with pytest.raises(ModelImportError):
+            adapter_table(_forged(good, **change), base_m)
