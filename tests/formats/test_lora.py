@@ -231,9 +231,7 @@ def test_against_peft_delta_weight(base, tmp_path) -> None:
 def _forged(manifest, **change):
     from crdt_merge.store.manifests import Manifest
     meta = json.loads(json.dumps(manifest.meta))
-    for target, entry in meta["lora"].items():
-        entry.update(change.get("entry", {}))
-        break
+    next(iter(meta["lora"].values())).update(change.get("entry", {}))
     meta.update(change.get("meta", {}))
     tensors = dict(manifest.tensors)
     tensors.update(change.get("tensors", {}))
