@@ -413,18 +413,33 @@ class Replica:
                 valid = self._verify_staged(pending.values(), report)
                 for op_id in report.rejected:
                     pending.pop(op_id, None)
-                retracts = opset.retracts_by_target([*held.values(), *valid.values()])
-                for op in opset.topological(valid.values()):
-                    if any(r not in self.ops() for r in opmod.references(op)):
-                        continue  # a reference still waits for its objects
+                # the valid ops that can join together: the greatest set whose every op has
+                # its references held or in the set, and its objects held or an effective
+                # retract by its own member held or in the set (a retract and its target
+                # support each other; an op that cannot join drops what relies on it)
+                ready = dict(valid)
+                changed = True
+                while changed:
+                    changed = False
+                    retracts = opset.retracts_by_target([*held.values(), *ready.values()])
+                    for op in list(ready.values()):
+                        try:
+                            needed = self.objects_needed(op, retracts)
+                            ok = (all(r in held or r in ready for r in opmod.references(op))
+                                  and not self.store.missing(needed)
+                                  and not self.store.missing(self.closure(needed)))
+                        except (IncompleteOp, PieceCorrupt, PieceMissing):
+                            ok = False
+                        if not ok:
+                            del ready[op.id]
+                            changed = True
+                retracts = opset.retracts_by_target([*held.values(), *ready.values()])
+                for op in opset.topological(ready.values()):
                     try:
-                        needed = self.objects_needed(op, retracts)
-                        if self.store.missing(needed):
-                            continue
-                        objects = self.closure(needed)
+                        objects = self.closure(self.objects_needed(op, retracts))
                         self.store.insert_op(op.id, op.kind, op.site, op.clock, op.data, objects)
-                    except (IncompleteOp, PieceCorrupt):
-                        continue  # objects still arriving, or lost and wanted again
+                    except (IncompleteOp, PieceCorrupt, PieceMissing):
+                        continue  # objects lost meanwhile: wanted again
                     except CrdtMergeError as exc:
                         self.store.unstage_op(op.id)
                         report.rejected[op.id] = exc

@@ -297,7 +297,7 @@ def _push(replica: Replica, peer: Peer, state: PeerState, difference: _Differenc
     if not send:
         return stats
     manifest_ids = [m for m in manifests_needed(send, ops.values()) if replica.store.has(m)]
-    objects = replica.closure(manifest_ids)
+    objects = [o for o in replica.closure(manifest_ids) if replica.store.has(o)]
     lacking = peer.missing(objects)
     order = [o for o in objects if o in lacking]
     if order:
