@@ -430,6 +430,11 @@ class Replica:
                                   and not self.store.missing(self.closure(needed)))
                         except (IncompleteOp, PieceCorrupt, PieceMissing):
                             ok = False
+                        except CrdtMergeError as exc:  # e.g. a manifest that is not one
+                            self.store.unstage_op(op.id)
+                            report.rejected[op.id] = exc
+                            pending.pop(op.id, None)
+                            ok = False
                         if not ok:
                             del ready[op.id]
                             changed = True
