@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crdt_merge.errors import PlanError
 from crdt_merge.lazy import torch
 from crdt_merge.methods.clipped import median_value
 from crdt_merge.methods.reduce import BLOCK, tree_sum_rows
@@ -110,6 +111,10 @@ def task_vector_stats(store: Any, base: Manifest, donors: Sequence[tuple[Manifes
     docstring). A tensor the base has and a donor lacks (or shapes otherwise) is skipped
     for every donor (the plan has excluded such donors already)."""
     n = len(donors)
+    for _, form in donors:
+        if form not in ("full", "delta"):  # an adapter's delta is materialised by resolve
+            raise PlanError(f"the task-vector statistics read full and delta contributions; "
+                            f"a {form!r} contribution is not supported by them yet")
     gram, dist2 = _zeros(n), _zeros(n)
     per_tensor: dict[str, list[list[float]]] = {}
     for name in sorted(base.tensors):
