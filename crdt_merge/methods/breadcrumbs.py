@@ -12,12 +12,11 @@ Defaults as mergekit: ``gamma: 0.01``, ``normalize: false``, ``rescale: false``.
 
 from __future__ import annotations
 
-from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
-from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
+from crdt_merge.methods.base import Bound, ParamSpec, TensorJob
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep
-from crdt_merge.methods.task_arithmetic import gta_params, merge_task_vectors
+from crdt_merge.methods.task_arithmetic import register_gta
 
 PAPER = "https://arxiv.org/abs/2312.06795"
 GAMMA = ParamSpec(
@@ -34,34 +33,7 @@ def outlier_sparsifier(
     return sparsify.magnitude_outliers(mags, n, float(p["density"]), float(p["gamma"]))
 
 
-def _breadcrumbs(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, outlier_sparsifier, consensus=False)
-
-
-def _breadcrumbs_ties(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, outlier_sparsifier, consensus=True)
-
-
-BREADCRUMBS = register(
-    Method(
-        name="breadcrumbs",
-        paper=PAPER,
-        base="required",
-        params=gta_params(normalize=False, rescale=False) + (GAMMA,),
-        kernel=_breadcrumbs,
-        streaming=True,
-        min_donors=0,
-    )
-)
-
-BREADCRUMBS_TIES = register(
-    Method(
-        name="breadcrumbs_ties",
-        paper=PAPER,
-        base="required",
-        params=gta_params(normalize=False, rescale=False) + (GAMMA,),
-        kernel=_breadcrumbs_ties,
-        streaming=True,
-        min_donors=0,
-    )
-)
+BREADCRUMBS = register_gta("breadcrumbs", PAPER, outlier_sparsifier, consensus=False,
+                           normalize=False, rescale=False, extra=(GAMMA,))
+BREADCRUMBS_TIES = register_gta("breadcrumbs_ties", PAPER, outlier_sparsifier, consensus=True,
+                                normalize=False, rescale=False, extra=(GAMMA,))

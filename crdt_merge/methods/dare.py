@@ -12,12 +12,11 @@ scaled to the delta's L1 norm. ``dare_linear`` then adds the deltas
 
 from __future__ import annotations
 
-from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
-from crdt_merge.methods.base import Bound, Method, TensorJob, register
+from crdt_merge.methods.base import Bound, TensorJob
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep
-from crdt_merge.methods.task_arithmetic import gta_params, merge_task_vectors
+from crdt_merge.methods.task_arithmetic import register_gta
 
 PAPER = "https://arxiv.org/abs/2311.03099"
 
@@ -30,36 +29,7 @@ def random_sparsifier(
     return sparsify.random(job.keys[i], n, float(bound.per_donor[i]["density"]))
 
 
-def _dare_ties(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, random_sparsifier, consensus=True)
-
-
-def _dare_linear(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, random_sparsifier, consensus=False)
-
-
-DARE_TIES = register(
-    Method(
-        name="dare_ties",
-        paper=PAPER,
-        base="required",
-        params=gta_params(normalize=False, rescale=True),
-        kernel=_dare_ties,
-        streaming=True,
-        min_donors=0,
-        random=True,
-    )
-)
-
-DARE_LINEAR = register(
-    Method(
-        name="dare_linear",
-        paper=PAPER,
-        base="required",
-        params=gta_params(normalize=False, rescale=True),
-        kernel=_dare_linear,
-        streaming=True,
-        min_donors=0,
-        random=True,
-    )
-)
+DARE_TIES = register_gta("dare_ties", PAPER, random_sparsifier, consensus=True,
+                         normalize=False, rescale=True, random=True)
+DARE_LINEAR = register_gta("dare_linear", PAPER, random_sparsifier, consensus=False,
+                           normalize=False, rescale=True, random=True)

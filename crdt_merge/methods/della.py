@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping
 
 from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
-from crdt_merge.methods.base import Bound, Method, ParamSpec, TensorJob, register
+from crdt_merge.methods.base import Bound, ParamSpec, TensorJob
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep
-from crdt_merge.methods.task_arithmetic import gta_params, merge_task_vectors
+from crdt_merge.methods.task_arithmetic import register_gta
 
 PAPER = "https://arxiv.org/abs/2406.11617"
 EPSILON = ParamSpec(
@@ -57,38 +57,8 @@ def _check(options: Mapping[str, object], mine: Mapping[str, object], where: str
         sparsify.check_magprune(density, epsilon, where)
 
 
-def _della(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, magprune_sparsifier, consensus=True)
-
-
-def _della_linear(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, magprune_sparsifier, consensus=False)
-
-
-DELLA = register(
-    Method(
-        name="della",
-        paper=PAPER,
-        base="required",
-        params=gta_params(normalize=True, rescale=True) + (EPSILON,),
-        kernel=_della,
-        streaming=True,
-        min_donors=0,
-        random=True,
-        check=_check,
-    )
-)
-
-DELLA_LINEAR = register(
-    Method(
-        name="della_linear",
-        paper=PAPER,
-        base="required",
-        params=gta_params(normalize=False, rescale=True) + (EPSILON,),
-        kernel=_della_linear,
-        streaming=True,
-        min_donors=0,
-        random=True,
-        check=_check,
-    )
-)
+DELLA = register_gta("della", PAPER, magprune_sparsifier, consensus=True, normalize=True,
+                     rescale=True, extra=(EPSILON,), random=True, check=_check)
+DELLA_LINEAR = register_gta("della_linear", PAPER, magprune_sparsifier, consensus=False,
+                            normalize=False, rescale=True, extra=(EPSILON,), random=True,
+                            check=_check)

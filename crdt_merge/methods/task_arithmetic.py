@@ -28,7 +28,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from crdt_merge.lazy import torch
-from crdt_merge.methods.base import Bound, Method, ParamSpec, Raw, TensorJob, register, via_raw
+from crdt_merge.methods.base import (
+    Bound,
+    Check,
+    Method,
+    ParamSpec,
+    Raw,
+    TensorJob,
+    register,
+    via_raw,
+)
 from crdt_merge.methods.reduce import BLOCK, blocks, f64, map_blocks, put
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep, l1_rescale
@@ -199,3 +208,30 @@ TASK_ARITHMETIC = register(
         streaming=True,
     )
 )
+
+
+def register_gta(name: str, paper: str, sparsifier: Sparsifier, *, consensus: bool,
+                 normalize: bool, rescale: bool, extra: Sequence[ParamSpec] = (),
+                 random: bool = False, check: Check | None = None) -> Method:
+    """Register one variant of generalized task arithmetic (TIES, DARE, breadcrumbs, DELLA
+    and their linear forms): :func:`merge_task_vectors` with ``sparsifier``, with the TIES
+    sign ``consensus`` or without, the :func:`gta_params` of its ``normalize``/``rescale``
+    defaults plus ``extra`` parameters. A ``random`` sparsifier draws from ``job.keys``."""
+
+    def kernel(job: TensorJob, bound: Bound) -> torch.Tensor:
+        return merge_task_vectors(job, bound, sparsifier, consensus=consensus)
+
+    kernel.__name__ = kernel.__qualname__ = f"_{name}"
+    return register(
+        Method(
+            name=name,
+            paper=paper,
+            base="required",
+            params=gta_params(normalize=normalize, rescale=rescale) + tuple(extra),
+            kernel=kernel,
+            streaming=True,
+            min_donors=0,
+            random=random,
+            check=check,
+        )
+    )

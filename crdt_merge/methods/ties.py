@@ -10,12 +10,11 @@ lower flat index wins), then the generalized task-arithmetic merge with sign con
 
 from __future__ import annotations
 
-from crdt_merge.lazy import torch
 from crdt_merge.methods import sparsify
-from crdt_merge.methods.base import Bound, Method, TensorJob, register
+from crdt_merge.methods.base import Bound, TensorJob
 from crdt_merge.methods.select import Magnitudes
 from crdt_merge.methods.sparsify import Keep
-from crdt_merge.methods.task_arithmetic import gta_params, merge_task_vectors
+from crdt_merge.methods.task_arithmetic import register_gta
 
 
 def magnitude_sparsifier(
@@ -26,18 +25,5 @@ def magnitude_sparsifier(
     return sparsify.magnitude(mags, n, float(bound.per_donor[i]["density"]))
 
 
-def _ties(job: TensorJob, bound: Bound) -> torch.Tensor:
-    return merge_task_vectors(job, bound, magnitude_sparsifier, consensus=True)
-
-
-TIES = register(
-    Method(
-        name="ties",
-        paper="https://arxiv.org/abs/2306.01708",
-        base="required",
-        params=gta_params(normalize=True, rescale=False),
-        kernel=_ties,
-        streaming=True,
-        min_donors=0,
-    )
-)
+TIES = register_gta("ties", "https://arxiv.org/abs/2306.01708", magnitude_sparsifier,
+                    consensus=True, normalize=True, rescale=False)
