@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CONFIG_NAMES", "DTYPES", "DType", "FLOATS", "RECIPE_DTYPES", "SIZES",
+__all__ = ["CONFIG_NAMES", "DTYPES", "DType", "FLOATS", "FROM_TORCH", "RECIPE_DTYPES", "SIZES",
            "TORCH_NAMES", "out_dtype"]
 
 
@@ -25,8 +25,9 @@ class DType:
     Attributes:
         name: the safetensors name (``"BF16"``).
         size: bytes per element.
-        torch: the ``torch`` attribute of the dtype resolve handles it as, or None when
-            resolve does not handle it (float8, unsigned 16/32/64-bit).
+        torch: the name of the ``torch`` dtype (``torch.float8_e4m3fn`` -> ``"float8_e4m3fn"``).
+        handled: resolve merges (floats) or copies (integers, bool) it; float8 and unsigned
+            16/32/64-bit tensors are refused by name.
         float: merged by the methods (every value exactly a float64); the others are
             copied from the base.
         recipe: the name a recipe's ``dtype`` and ``config.json``'s ``torch_dtype`` use for an
@@ -36,28 +37,29 @@ class DType:
 
     name: str
     size: int
-    torch: str | None = None
+    torch: str
+    handled: bool = True
     float: bool = False
     recipe: str | None = None
     numpy: str | None = None
 
 
 DTYPES: dict[str, DType] = {d.name: d for d in (
-    DType("F64", 8, "float64", True, "float64", "float64"),
-    DType("F32", 4, "float32", True, "float32", "float32"),
-    DType("F16", 2, "float16", True, "float16", "float16"),
-    DType("BF16", 2, "bfloat16", True, "bfloat16", "uint16"),
+    DType("F64", 8, "float64", float=True, recipe="float64", numpy="float64"),
+    DType("F32", 4, "float32", float=True, recipe="float32", numpy="float32"),
+    DType("F16", 2, "float16", float=True, recipe="float16", numpy="float16"),
+    DType("BF16", 2, "bfloat16", float=True, recipe="bfloat16", numpy="uint16"),
     DType("I64", 8, "int64"),
     DType("I32", 4, "int32"),
     DType("I16", 2, "int16"),
     DType("I8", 1, "int8"),
     DType("U8", 1, "uint8"),
     DType("BOOL", 1, "bool"),
-    DType("F8_E4M3", 1),
-    DType("F8_E5M2", 1),
-    DType("U16", 2),
-    DType("U32", 4),
-    DType("U64", 8),
+    DType("F8_E4M3", 1, "float8_e4m3fn", handled=False),
+    DType("F8_E5M2", 1, "float8_e5m2", handled=False),
+    DType("U16", 2, "uint16", handled=False),
+    DType("U32", 4, "uint32", handled=False),
+    DType("U64", 8, "uint64", handled=False),
 )}
 
 #: safetensors name -> bytes per element (every dtype a manifest may hold)
@@ -65,7 +67,9 @@ SIZES: dict[str, int] = {d.name: d.size for d in DTYPES.values()}
 #: the dtypes the methods merge, in the order F16, BF16, F32, F64
 FLOATS: tuple[str, ...] = ("F16", "BF16", "F32", "F64")
 #: safetensors name -> torch attribute, for the dtypes resolve handles
-TORCH_NAMES: dict[str, str] = {d.name: d.torch for d in DTYPES.values() if d.torch}
+TORCH_NAMES: dict[str, str] = {d.name: d.torch for d in DTYPES.values() if d.handled}
+#: torch dtype name -> safetensors name, for every dtype (what a checkpoint may hold)
+FROM_TORCH: dict[str, str] = {d.torch: d.name for d in DTYPES.values()}
 #: recipe ``dtype`` value (``"bfloat16"``) -> safetensors name
 RECIPE_DTYPES: dict[str, str] = {d.recipe: d.name for d in DTYPES.values() if d.recipe}
 #: safetensors name -> the ``torch_dtype`` a config.json gives it

@@ -30,21 +30,34 @@ The tree::
     │   └── IncompleteOp                an op whose objects are not all present
     ├── RecipeError (ValueError)
     │   ├── UnknownMethod
-    │   └── BadParameter
+    │   ├── BadParameter
+    │   └── UnsupportedFeature          a mergekit config feature crdt-merge does not support
     ├── ModelImportError (ValueError)   a model file that cannot be read
     │   └── UnknownFamily               no supported architecture family matches
-    │                                   (defined in crdt_merge.families.detect)
     ├── PlanError                       resolve cannot build a plan (no recipe, no anchor...)
-    │   └── ShapeMismatch (ValueError)
+    ├── ShapeMismatch (ValueError)      tensors whose sizes, shapes or dtypes do not fit
+    │                                   together (inputs of a merge, pieces of a record,
+    │                                   parts of a fused tensor)
     └── SyncError
-        └── PeerError                   a peer answered something the protocol does not allow
+        ├── PeerError                   a peer answered something the protocol does not allow
+        └── TransportError              the HTTP transport's own errors
+            ├── Unauthenticated (PermissionError)   401: no bearer token, or an unknown one
+            ├── Forbidden (PermissionError)         403: the token lacks the scope
+            ├── BodyTooLarge (ValueError)           413: a body over the server's limit
+            ├── RequestTimeout (TimeoutError)       408: a body that stalled or trickled
+            ├── HeadersTooLarge (ValueError)        431: too many or too large headers
+            └── PeerUnreachable (ConnectionError)   the connection failed or broke
 
 Each class says what to do next in its message. ``code`` values are stable: the HTTP service
 returns them as ``{code, detail}`` and the client maps them back to these classes with
-:func:`error_for_code`.
+:func:`error_for_code`, through the explicit table :data:`CODES` (every error is defined in
+this module, so every code decodes whatever else was imported).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 
 class CrdtMergeError(Exception):
@@ -267,6 +280,12 @@ class BadParameter(RecipeError):
     code = "bad_parameter"
 
 
+class UnsupportedFeature(RecipeError):
+    """A mergekit config uses a feature crdt-merge does not translate (yet)."""
+
+    code = "unsupported_mergekit_feature"
+
+
 class ModelImportError(CrdtMergeError, ValueError):
     code = "bad_model"
 
@@ -275,7 +294,34 @@ class PlanError(CrdtMergeError):
     code = "plan_error"
 
 
-class ShapeMismatch(PlanError, ValueError):
+class UnknownFamily(ModelImportError):
+    """No supported family matches the model; the message names what was seen."""
+
+    code = "unknown_family"
+
+    def __init__(
+        self,
+        reason: str,
+        model_type: Any = None,
+        architectures: Iterable[str] = (),
+        sample: Iterable[str] = (),
+        supported: Iterable[str] = (),
+    ) -> None:
+        self.model_type = model_type
+        self.architectures = list(architectures)
+        self.sample = list(sample)
+        super().__init__(
+            f"{reason} (model_type={model_type!r}, architectures={self.architectures}, "
+            f"tensors such as {self.sample}); supported families: "
+            f"{', '.join(supported)}. Run `crdt-merge families list`."
+        )
+
+
+class ShapeMismatch(CrdtMergeError, ValueError):
+    """Tensors that do not fit together: a merge's inputs of different shapes, a record's
+    pieces that do not add up to its size, a dtype resolve cannot merge, the parts of a
+    fused tensor. Raised by the store, the methods, the families and resolve alike."""
+
     code = "shape_mismatch"
 
 
@@ -290,16 +336,70 @@ class PeerError(SyncError):
     code = "peer_error"
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    out = [cls]
-    for sub in cls.__subclasses__():
-        out.extend(_all_subclasses(sub))
-    return out
+class TransportError(SyncError):
+    code = "transport_error"
+
+
+class Unauthenticated(TransportError, PermissionError):
+    code = "unauthenticated"
+
+
+class Forbidden(TransportError, PermissionError):
+    code = "forbidden"
+
+
+class BodyTooLarge(TransportError, ValueError):
+    code = "body_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than this server's limit of {limit} "
+                         "bytes; send smaller batches")
+        self.limit = limit
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    code = "request_timeout"
+
+    def __init__(self, seconds: float, received: int) -> None:
+        super().__init__(f"the request body stalled or arrived too slowly ({received} bytes in "
+                         f"{seconds:.1f} s); send it again on a better connection")
+        self.received = received
+
+
+class HeadersTooLarge(TransportError, ValueError):
+    code = "headers_too_large"
+
+    def __init__(self, limit: int, count: int) -> None:
+        super().__init__(f"the request line and headers are over this server's limit of "
+                         f"{limit} bytes or {count} headers")
+        self.limit = limit
+        self.count = count
+
+
+class PeerUnreachable(TransportError, ConnectionError):
+    code = "peer_unreachable"
+
+
+# -- the code table -----------------------------------------------------------------------------
+
+#: code -> error class: every error of the tree above, written out (a new error class is
+#: added here; tests/foundation/test_errors.py checks that none is missing)
+CODES: dict[str, type[CrdtMergeError]] = {cls.code: cls for cls in (
+    CrdtMergeError,
+    FormatError, NonCanonicalEncoding, SchemaError, BadId, AmbiguousId,
+    IntegrityError, HashMismatch, BadSignature,
+    StoreError, PieceMissing, PieceCorrupt, NotAReplica, ReplicaExists, OutputExists,
+    OpError, WrongProject, UnknownSite, NotAuthorized, SiteTaken, LastAdmin, Revoked,
+    BadClock, DependencyMissing, OpMissing, IncompleteOp,
+    RecipeError, UnknownMethod, BadParameter, UnsupportedFeature,
+    ModelImportError, UnknownFamily,
+    PlanError,
+    ShapeMismatch,
+    SyncError, PeerError, TransportError, Unauthenticated, Forbidden, BodyTooLarge,
+    RequestTimeout, HeadersTooLarge, PeerUnreachable,
+)}
 
 
 def error_for_code(code: str) -> type[CrdtMergeError]:
     """The error class whose ``code`` is ``code`` (the root class when none matches)."""
-    for cls in _all_subclasses(CrdtMergeError):
-        if cls.__dict__.get("code") == code:
-            return cls
-    return CrdtMergeError
+    return CODES.get(code, CrdtMergeError)

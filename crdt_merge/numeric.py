@@ -17,6 +17,7 @@ import threading
 import numpy as np
 
 from crdt_merge import NUMERIC_VERSION  # noqa: E402,F401  (re-exported)
+from crdt_merge.dtypes import DTYPES, FLOATS
 from crdt_merge.lazy import torch
 
 
@@ -124,7 +125,7 @@ def _round_to_odd_exact(x: np.ndarray) -> np.ndarray:
     return (bits + step).view(np.float32)
 
 
-RAW_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+RAW_DTYPES: dict[str, type] = {name: getattr(np, DTYPES[name].numpy or "") for name in FLOATS}
 """How numpy holds each float dtype's stored bits (numpy has no bfloat16: its bits)."""
 
 _BF16_NAN = 0x7FC0
@@ -186,7 +187,7 @@ def round_raw(x: np.ndarray, dtype: str, out: np.ndarray) -> None:
         raise ValueError(f"not a float dtype: {dtype}")
 
 
-_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_NAMES = {DTYPES[name].torch: name for name in FLOATS}
 
 
 def raw_view(t: torch.Tensor) -> tuple[np.ndarray, str]:

@@ -42,6 +42,7 @@ STATUS: dict[type[e.CrdtMergeError], int] = {
     e.RecipeError: 422,
     e.ModelImportError: 422,
     e.PlanError: 409,
+    e.ShapeMismatch: 409,
     e.SyncError: 502,
     e.PeerError: 502,
     wire.TransportError: 502,

@@ -35,21 +35,26 @@ def is_module(name: str) -> bool:
     return (ROOT / rel).with_suffix(".py").is_file() or (ROOT / rel / "__init__.py").is_file()
 
 
+def source_of(node: ast.ImportFrom, path: Path, name: str) -> str:
+    """The module a ``from ... import`` in ``path`` (the module ``name``) reads from,
+    relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports_of(path: Path) -> set[str]:
     """Every module ``path`` imports: dotted names, relative imports resolved, and
     ``from pkg import name`` counted as ``pkg.name`` when that is a module of ours."""
     name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
+            source = source_of(node, path, name)
             for alias in node.names:
                 sub = f"{source}.{alias.name}"
                 out.add(sub if is_module(sub) else source)
@@ -213,7 +218,6 @@ def private_uses(path: Path, name: str | None = None) -> set[str]:
     another of our modules (``from m import _x``) or reaches through one (``import m as
     alias`` ... ``alias._x``)."""
     name = name or module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     aliases: dict[str, str] = {}
     out: set[str] = set()
 
@@ -227,11 +231,7 @@ def private_uses(path: Path, name: str | None = None) -> set[str]:
                 if alias.name.startswith("crdt_merge") and alias.asname:
                     aliases[alias.asname] = alias.name
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
+            source = source_of(node, path, name)
             if not (source == "crdt_merge" or source.startswith("crdt_merge.")):
                 continue
             for alias in node.names:

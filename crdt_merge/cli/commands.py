@@ -23,6 +23,7 @@ from crdt_merge.errors import (
     OpMissing,
     PlanError,
     RecipeError,
+    ShapeMismatch,
 )
 from crdt_merge.hashing import is_id
 from crdt_merge.recipe import (  # noqa: F401  (parse_value: part of this module's API)
@@ -529,7 +530,7 @@ def checkpoint_of(r: Replica) -> dict[str, Any]:
     from crdt_merge.resolve.checkpoint_cache import Checkpoints
     try:
         p = plan(r)
-    except PlanError as exc:
+    except (PlanError, ShapeMismatch) as exc:
         return {"state_root": r.state_root(), "checkpoint_id": None, "plan_id": None,
                 "detail": exc.detail, "numeric_profile": numeric_profile()}
     cache = Checkpoints(r)

@@ -23,6 +23,7 @@ from typing import Any
 
 from crdt_merge.cli import progress
 from crdt_merge.cli.render import warn
+from crdt_merge.dtypes import RECIPE_DTYPES, SIZES
 from crdt_merge.errors import BadParameter, NotAReplica, PlanError
 from crdt_merge.hashing import digest
 from crdt_merge.interop.mergekit import load
@@ -32,7 +33,7 @@ SITE = "local"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja")
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+BYTES = {name: SIZES[st] for name, st in RECIPE_DTYPES.items()}  # crdt_merge/dtypes.py
 
 
 def cache_root() -> Path:

@@ -19,7 +19,14 @@ from crdt_merge.families.canonical import (
     role_of,
 )
 from crdt_merge.families.check import check, compare, load_folder
-from crdt_merge.families.detect import UnknownFamily, detect, get_family, list_families
+from crdt_merge.families.detect import (
+    LAYER_COUNT_KEYS,
+    UnknownFamily,
+    detect,
+    get_family,
+    layer_count,
+    list_families,
+)
 from crdt_merge.families.family import Family
 
 __all__ = [
@@ -27,11 +34,13 @@ __all__ = [
     "CanonicalKey",
     "CanonicalModel",
     "Family",
+    "LAYER_COUNT_KEYS",
     "UnknownFamily",
     "check",
     "compare",
     "detect",
     "get_family",
+    "layer_count",
     "list_families",
     "load_folder",
     "parse_name",

@@ -6,31 +6,15 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
 
-from crdt_merge.errors import ModelImportError
+from crdt_merge.errors import UnknownFamily
 from crdt_merge.families.family import Family
 from crdt_merge.families.registry import specs
 
 
-class UnknownFamily(ModelImportError):
-    """No supported family matches the model; the message names what was seen."""
-
-    code = "unknown_family"
-
-    def __init__(
-        self,
-        reason: str,
-        model_type: Any = None,
-        architectures: Iterable[str] = (),
-        sample: Iterable[str] = (),
-    ) -> None:
-        self.model_type = model_type
-        self.architectures = list(architectures)
-        self.sample = list(sample)
-        super().__init__(
-            f"{reason} (model_type={model_type!r}, architectures={self.architectures}, "
-            f"tensors such as {self.sample}); supported families: "
-            f"{', '.join(sorted(_families()))}. Run `crdt-merge families list`."
-        )
+def _unknown(reason: str, model_type: Any = None, architectures: Iterable[str] = (),
+             sample: Iterable[str] = ()) -> UnknownFamily:
+    """:class:`~crdt_merge.errors.UnknownFamily`, naming the supported families."""
+    return UnknownFamily(reason, model_type, architectures, sample, sorted(_families()))
 
 
 @cache
@@ -51,7 +35,7 @@ def get_family(name: str) -> Family:
     """
     family = _families().get(name)
     if family is None:
-        raise UnknownFamily(f"no family is called {name!r}")
+        raise _unknown(f"no family is called {name!r}")
     return family
 
 
@@ -77,11 +61,11 @@ def detect(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> Famil
     }
     by_type = [f for f in families.values() if model_type in f.spec.model_types]
     if model_type is not None and not by_type:
-        raise UnknownFamily("no supported family has this model_type", model_type, architectures, sample)
+        raise _unknown("no supported family has this model_type", model_type, architectures, sample)
     if by_type:
         family = by_type[0]
         if by_arch - {family.name}:
-            raise UnknownFamily(
+            raise _unknown(
                 f"model_type says {family.name} but architectures say {sorted(by_arch)}",
                 model_type, architectures, sample,
             )
@@ -89,14 +73,36 @@ def detect(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> Famil
         family = families[by_arch.pop()]
     else:
         reason = "architectures match several families" if by_arch else "no model_type and no known architecture"
-        raise UnknownFamily(reason, model_type, architectures, sample)
+        raise _unknown(reason, model_type, architectures, sample)
     if names:
         mapped = family.match_names(names).canonical()
         missing = [r for r in family.spec.requires if r not in mapped]
         if missing:
-            raise UnknownFamily(
+            raise _unknown(
                 f"config.json says {family.name}, but the tensors lack what a {family.name} "
                 f"model has ({', '.join(missing)})",
                 model_type, architectures, sample,
             )
     return family
+
+
+#: the config keys that hold a model's number of layers, in the order they are read when
+#: the family is unknown (``num_hidden_layers`` for Llama, Mistral, Qwen, Gemma...;
+#: ``n_layer`` for GPT-2, ``num_layers`` for a few others)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_count(config: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> int | None:
+    """A model's number of layers: its family's (:meth:`Family.layers`) when the family is
+    known and has one layer stack, else the first of :data:`LAYER_COUNT_KEYS` the config
+    holds as a whole number; None when neither says."""
+    try:
+        layers = detect(config, tensor_names).layers(config)
+    except UnknownFamily:
+        layers = {}
+    if len(layers) == 1:
+        return next(iter(layers.values()))
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from crdt_merge.errors import BadParameter, RecipeError
+from crdt_merge.errors import BadParameter, UnsupportedFeature
 from crdt_merge.hashing import digest
 from crdt_merge.methods import NOT_IN_MERGEKIT, Method, get_method
 from crdt_merge.recipe import OUT_DTYPES, canon_numbers, check_recipe, split_params, unused_note
@@ -35,8 +35,7 @@ KNOWN_TOP = {"models", "merge_method", "base_model", "parameters", "dtype", "tok
              "slices", "tokenizer", "chat_template", "out_dtype", "name"}
 
 
-class Unsupported(RecipeError):
-    code = "unsupported_mergekit_feature"
+Unsupported = UnsupportedFeature  # defined in crdt_merge.errors, so its code always decodes
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crdt_merge.errors import PlanError, RecipeError
+from crdt_merge.errors import PlanError, RecipeError, ShapeMismatch
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import MergePlan, Resolved, checkpoint_key, execute, plan
 from crdt_merge.resolve.profile import numeric_profile
@@ -53,7 +53,7 @@ class Checkpoints:
             the_plan = plan(r)
         # RecipeError: the winning recipe names a method or parameters this installation
         # does not know (a valid op all the same): no plan here, not a bad request
-        except (PlanError, RecipeError) as exc:
+        except (PlanError, RecipeError, ShapeMismatch) as exc:
             out: dict[str, Any] = {"state_root": root, "checkpoint_id": None, "plan_id": None,
                                    "numeric_profile": numeric_profile(), "detail": exc.detail}
             if self.render_dir is not None:

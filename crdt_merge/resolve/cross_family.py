@@ -40,7 +40,7 @@ from crdt_merge.methods.params import resolve_param
 from crdt_merge.numeric import round_to
 from crdt_merge.replica import Replica
 from crdt_merge.resolve.io import open_store, write_output
-from crdt_merge.resolve.jobs import layer_index
+from crdt_merge.resolve.jobs import OutputJob, layer_index
 from crdt_merge.resolve.merge_plan import (
     Contribution,
     JobInputs,
@@ -287,23 +287,15 @@ class Part:
 
 
 @dataclass(frozen=True)
-class CrossJob:
+class CrossJob(OutputJob):
     """One output tensor of a cross-family merge: everything a worker needs, picklable."""
 
-    name: str
-    store: str
     anchor: TensorRecord
     op: Mapping[str, Any] | None
     dims: Mapping[str, int]
     parts: tuple[Part, ...]
     params: Mapping[str, Any]
     global_weight: Any
-    out_dtype: str
-    shape: tuple[int, ...]
-    path: str
-    offset: int
-    piece_size: int
-    num_layers: int
 
 
 def _recorded(replica: Replica, manifest: Manifest, entry: Mapping[str, Any]) -> ModelInfo:
@@ -361,9 +353,11 @@ def plan_jobs(plan: MergePlan, inputs: JobInputs) -> list[CrossJob]:
                                               manifest.tensors[native], rule_d.op, dims, index))
                 parts.append(Part(cname, key.role, tuple(sources)))
         path, offset = shards[name]
-        jobs.append(CrossJob(name, str(replica.store.root), rec, op, anchor_dims, tuple(parts),
-                             params, plan.params.get("weight"), out, rec.shape, path,
-                             offset, piece_size, num_layers))
+        jobs.append(CrossJob(
+            name=name, store=str(replica.store.root), out_dtype=out, shape=rec.shape,
+            path=path, offset=offset, piece_size=piece_size, num_layers=num_layers,
+            anchor=rec, op=op, dims=anchor_dims, parts=tuple(parts), params=params,
+            global_weight=plan.params.get("weight")))
     return jobs
 
 

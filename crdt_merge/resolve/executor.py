@@ -22,7 +22,7 @@ from crdt_merge.errors import OutputExists, PieceCorrupt, PieceMissing, PlanErro
 from crdt_merge.replica import Replica
 from crdt_merge.resolve import output
 from crdt_merge.resolve.checkpoint import MANIFEST_FILE, check_folder, checkpoint_manifest
-from crdt_merge.resolve.jobs import config_num_layers, output_tensors, plan_jobs, sliced_tensors
+from crdt_merge.resolve.jobs import model_layers, output_tensors, plan_jobs, sliced_tensors
 from crdt_merge.resolve.merge_plan import JobInputs, MergePlan, plan, whole_model
 from crdt_merge.resolve.profile import numeric_profile
 from crdt_merge.resolve.runner import run_jobs
@@ -97,7 +97,7 @@ def _execute(replica: Replica, the_plan: MergePlan, out: Path, *, workers: int |
                                                        sources)
     where = output.prepare_files(tmp, specs, max_shard_size)
     inputs = JobInputs(replica, manifests, where, replica.piece_size,
-                       config_num_layers(config, [s[0] for s in specs]))
+                       model_layers(config, [s[0] for s in specs]))
     whole = whole_model(the_plan.method)
     own = whole.plan_jobs(the_plan, inputs) if whole is not None else None
     if whole is not None and own is not None:

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from crdt_merge.dtypes import FLOATS, out_dtype
+from crdt_merge.families import layer_count
 from crdt_merge.methods import OutputTensor, get_method
 from crdt_merge.resolve.io import require_pieces
 from crdt_merge.resolve.merge_plan import ANCHOR, JobInputs, MergePlan, slice_layout
 from crdt_merge.store.adapter import AdapterTable, adapter_table
 from crdt_merge.store.manifests import Manifest, TensorRecord
 
-__all__ = ["Job", "SliceInputs", "SlicedDonor", "SlicedTensor", "config_num_layers",
+__all__ = ["Job", "OutputJob", "SliceInputs", "SlicedDonor", "SlicedTensor", "model_layers",
            "delta_bases", "layer_index", "output_tensors", "plan_jobs", "shared_inputs",
            "sliced_tensors", "streamable"]
 
@@ -75,22 +76,31 @@ class LoraInput:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One output tensor: everything a worker needs."""
+class OutputJob:
+    """What every job holds, whichever method expands it: the output tensor (``name``,
+    ``out_dtype``, ``shape``; the runner schedules by ``shape``), the store it reads
+    (a path: a worker process opens its own), where its bytes go (``path``, ``offset``,
+    cut into pieces of ``piece_size``) and the model's number of layers."""
 
     name: str
     store: str
-    plan: MergePlan
-    plan_id: str
-    base: TensorRecord | None
-    donors: tuple[TensorRecord, ...]  # full weights or deltas, per contribution
-    forms: tuple[str, ...]
     out_dtype: str
     shape: tuple[int, ...]
     path: str
     offset: int
     piece_size: int
     num_layers: int
+
+
+@dataclass(frozen=True)
+class Job(OutputJob):
+    """One output tensor of a per-tensor method: everything a worker needs."""
+
+    plan: MergePlan
+    plan_id: str
+    base: TensorRecord | None
+    donors: tuple[TensorRecord, ...]  # full weights or deltas, per contribution
+    forms: tuple[str, ...]
     #: set for a sliced plan: then donors are per slice source, not per contribution
     sliced: SliceInputs | None = None
     #: per donor, the LoRA factors an adapter contribution adds to the base (form "lora")
@@ -270,11 +280,12 @@ def numel(shape: Sequence[int]) -> int:
     return n
 
 
-def config_num_layers(config: Mapping[str, Any] | None, names: Sequence[str]) -> int:
-    if config:
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(config.get(key), int):
-                return int(config[key])
-    layers = [layer_index(n) for n in names]
-    found = [i for i in layers if i is not None]
+def model_layers(config: Mapping[str, Any] | None, names: Sequence[str]) -> int:
+    """The number of layers layer gradients run over (``t = layer / (L - 1)``): the
+    reference config's (:func:`crdt_merge.families.layer_count`), else one more than the
+    highest layer index in the tensor names, else 1."""
+    count = layer_count(config, names) if config else None
+    if count is not None:
+        return count
+    found = [i for i in (layer_index(n) for n in names) if i is not None]
     return max(found) + 1 if found else 1

@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from crdt_merge.dtypes import CONFIG_NAMES
 from crdt_merge.errors import PlanError
+from crdt_merge.families import LAYER_COUNT_KEYS
 from crdt_merge.interop.mergekit import to_yaml
 from crdt_merge.store.manifests import DTYPE_SIZES, Manifest
 from crdt_merge.store.objects import fsync_dir
@@ -24,7 +26,6 @@ from crdt_merge.store.safetensors_io import header_bytes
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-CONFIG_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
@@ -91,16 +92,11 @@ def sync_files(out: Path) -> None:
 def transform_config(config_bytes: bytes, out_dtype: str | None) -> bytes:
     """The config the output carries: the base's, with its dtype set to the output's."""
     config = json.loads(config_bytes)
-    if out_dtype in CONFIG_DTYPES:
+    if out_dtype in CONFIG_NAMES:
         for key in ("torch_dtype", "dtype"):
             if key in config or key == "dtype":
-                config[key] = CONFIG_DTYPES[out_dtype]
+                config[key] = CONFIG_NAMES[out_dtype]
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-
-
-#: the config keys that hold a model's number of layers, by family (the first for Llama,
-#: Mistral, Qwen, Gemma...; ``n_layer`` for GPT-2, ``num_layers`` for a few others)
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def slice_config(config_bytes: bytes, slices: Sequence[Mapping[str, Any]],
@@ -251,7 +247,7 @@ def mergekit_config(plan: Mapping[str, Any], labels: Mapping[str, str]) -> str |
     base = plan["base"] or None
     base_name = (name.get(base) or f"anchor-{base[:16]}") if base else None
     params = dict(plan["params"])
-    dtype = CONFIG_DTYPES.get(plan["dtype"]) if plan.get("dtype") else None
+    dtype = CONFIG_NAMES.get(plan["dtype"]) if plan.get("dtype") else None
     if dtype:
         params["dtype"] = dtype
     models = [(labels.get(c["op_id"], c["label"]), c["params"]) for c in plan["contributions"]]

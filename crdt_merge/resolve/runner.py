@@ -49,6 +49,7 @@ from crdt_merge.resolve.io import (
 from crdt_merge.resolve.jobs import (
     Job,
     LoraInput,
+    OutputJob,
     delta_bases,
     layer_index,
     numel,
@@ -237,7 +238,7 @@ def _layered(scopes: Sequence[Mapping[str, Any]], name: str, layer: int | None,
     return out
 
 
-def needs_torch(jobs: Sequence[Any]) -> bool:
+def needs_torch(jobs: Sequence[OutputJob]) -> bool:
     """Whether any job computes in torch (the others are numpy, or plain copies)."""
     return any(not isinstance(j, Job) or (j.out_dtype in FLOATS and not streamable(j))
                for j in jobs)
@@ -247,7 +248,7 @@ def needs_torch(jobs: Sequence[Any]) -> bool:
 IN_PROCESS_BELOW = 4 * 1024 * 1024
 
 
-def run_jobs(jobs: Sequence[Any], workers: int | None = None, runner: Runner | None = None,
+def run_jobs(jobs: Sequence[OutputJob], workers: int | None = None, runner: Runner | None = None,
              processes: bool = False) -> dict[str, list[str]]:
     """Run jobs, biggest first, on ``workers`` threads of this process (one: this thread),
     every job with one torch thread (torch is not even imported when every job streams in
@@ -289,7 +290,7 @@ def _serially(runner: Runner) -> Runner:
     return run
 
 
-def _schedule(pool: Executor, runner: Runner, order: list[Any],
+def _schedule(pool: Executor, runner: Runner, order: list[OutputJob],
               workers: int) -> dict[str, list[str]]:
     """Submit the jobs (biggest first) within a memory budget. The two biggest tensors
     (embeddings, lm_head) should not be in memory at once: a job starts only while the
@@ -324,7 +325,7 @@ def _schedule(pool: Executor, runner: Runner, order: list[Any],
     return results
 
 
-def _held(job: Any) -> int:
+def _held(job: OutputJob) -> int:
     """What a job holds in memory at once, in elements, for scheduling."""
     return 0 if isinstance(job, Job) and streamable(job) else numel(job.shape)
 

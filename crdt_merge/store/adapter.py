@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from crdt_merge import codec
+from crdt_merge.dtypes import FLOATS
 from crdt_merge.errors import ModelImportError
 from crdt_merge.store.manifests import Manifest
 
@@ -219,7 +220,7 @@ def build_table(path: Path, config: Mapping[str, Any], tensors: Mapping[str, tup
     return {"adapter": "lora", "lora": lora, "replace": replace}
 
 
-_FLOATS = ("F16", "BF16", "F32", "F64")
+_FLOATS = FLOATS  # the one table: crdt_merge/dtypes.py
 
 
 def dtype_of(tensors: Mapping[str, tuple[str, tuple[int, ...]]], name: str) -> str:

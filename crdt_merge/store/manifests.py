@@ -21,18 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from crdt_merge import codec
+from crdt_merge.dtypes import SIZES
 from crdt_merge.errors import SchemaError
 from crdt_merge.hashing import ManifestId, PieceId, digest, is_id
 
 FORMAT_VERSION = 1
 
-#: dtype name (as in safetensors headers) -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
+#: dtype name (as in safetensors headers) -> bytes per element (:mod:`crdt_merge.dtypes`)
+DTYPE_SIZES: dict[str, int] = SIZES
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 MAX_TENSOR_NAME = 512

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from crdt_merge.dtypes import TORCH_NAMES
 from crdt_merge.errors import ShapeMismatch
 from crdt_merge.lazy import torch
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import TensorRecord
 
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool"}
+_TORCH_NAMES = TORCH_NAMES
 
 
 def supported(name: str) -> bool:

@@ -18,16 +18,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from crdt_merge.dtypes import FROM_TORCH
 from crdt_merge.errors import ModelImportError
 from crdt_merge.lazy import torch
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 
-_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-           "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-           "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-           "uint16": "U16", "uint32": "U32", "uint64": "U64"}
+_DTYPES = FROM_TORCH  # the one table: crdt_merge/dtypes.py
 
 
 def bin_files(path: Path) -> list[Path] | None:

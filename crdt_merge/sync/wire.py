@@ -1,17 +1,8 @@
 """What the HTTP server and the HTTP client share: media types, limits, request bodies and
 the transport's own errors (specs/http.md).
 
-The transport errors extend the tree of :mod:`crdt_merge.errors` under ``SyncError``::
-
-    SyncError
-    └── TransportError
-        ├── Unauthenticated (PermissionError)   401: no bearer token, or an unknown one
-        ├── Forbidden (PermissionError)         403: the token lacks the scope
-        ├── BodyTooLarge (ValueError)           413: a body over the server's limit
-        ├── RequestTimeout (TimeoutError)       408: a body that stalled or trickled
-        ├── HeadersTooLarge (ValueError)        431: too many or too large headers
-        └── PeerUnreachable (ConnectionError)   the connection failed or broke
-
+The transport errors (``TransportError`` and its subclasses, under ``SyncError``) are
+defined in :mod:`crdt_merge.errors`, so that every code decodes, and re-exported here.
 Their ``code`` values travel in ``{code, detail}`` error bodies like every other error's, and
 :func:`error_from_body` rebuilds the same class on the client.
 """
@@ -23,7 +14,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from crdt_merge import codec
-from crdt_merge.errors import CrdtMergeError, PeerError, SchemaError, SyncError, error_for_code
+from crdt_merge.errors import (  # noqa: F401  (the transport errors are re-exported)
+    BodyTooLarge,
+    CrdtMergeError,
+    Forbidden,
+    HeadersTooLarge,
+    PeerError,
+    PeerUnreachable,
+    RequestTimeout,
+    SchemaError,
+    TransportError,
+    Unauthenticated,
+    error_for_code,
+)
 from crdt_merge.hashing import check_id
 
 PROTOCOL_VERSION = 1
@@ -43,50 +46,6 @@ ITEM_SLACK = 64
 def max_items(data: bytes, min_item_bytes: int = MIN_ITEM_BYTES) -> int:
     """The element budget of a message of ``len(data)`` bytes (see :data:`MIN_ITEM_BYTES`)."""
     return len(data) // min_item_bytes + ITEM_SLACK
-
-
-class TransportError(SyncError):
-    code = "transport_error"
-
-
-class Unauthenticated(TransportError, PermissionError):
-    code = "unauthenticated"
-
-
-class Forbidden(TransportError, PermissionError):
-    code = "forbidden"
-
-
-class BodyTooLarge(TransportError, ValueError):
-    code = "body_too_large"
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is larger than this server's limit of {limit} "
-                         "bytes; send smaller batches")
-        self.limit = limit
-
-
-class RequestTimeout(TransportError, TimeoutError):
-    code = "request_timeout"
-
-    def __init__(self, seconds: float, received: int) -> None:
-        super().__init__(f"the request body stalled or arrived too slowly ({received} bytes in "
-                         f"{seconds:.1f} s); send it again on a better connection")
-        self.received = received
-
-
-class HeadersTooLarge(TransportError, ValueError):
-    code = "headers_too_large"
-
-    def __init__(self, limit: int, count: int) -> None:
-        super().__init__(f"the request line and headers are over this server's limit of "
-                         f"{limit} bytes or {count} headers")
-        self.limit = limit
-        self.count = count
-
-
-class PeerUnreachable(TransportError, ConnectionError):
-    code = "peer_unreachable"
 
 
 # -- error bodies -----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def _instance(cls: type[BaseException]) -> BaseException:
 def test_the_tree_has_its_error_classes() -> None:
     names = {c.__name__ for c in CLASSES}
     assert {"IncompleteOp", "HashMismatch", "PieceCorrupt", "BodyTooLarge", "RequestTimeout",
-            "Unsupported", "UnknownFamily", "SimulationFailed"} <= names, names
+            "UnsupportedFeature", "UnknownFamily", "SimulationFailed"} <= names, names
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__qualname__)
