@@ -52,8 +52,8 @@ from crdt_merge.store.importer import read_file
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.store.tensors import load_tensor, torch_dtype
 
-__all__ = ["ALIGN_VERSION", "CROSS_FAMILY", "NAME", "CrossJob", "plan_jobs", "plan_section",
-           "run_job"]
+__all__ = ["ALIGN_VERSION", "CROSS_FAMILY", "NAME", "CrossJob", "CrossSection", "plan_jobs",
+           "plan_section", "run_job"]
 
 #: the version of the formulas in specs/cross-family.md; part of every cross-family plan id
 #: (2: the Gram route, squared noise floor, inverse iteration for the kept vectors)
@@ -298,15 +298,53 @@ class CrossJob(OutputJob):
     global_weight: Any
 
 
-def _recorded(replica: Replica, manifest: Manifest, entry: Mapping[str, Any]) -> ModelInfo:
+@dataclass(frozen=True)
+class DonorEntry:
+    """One donor of the plan's cross-family section, as execution reads it."""
+
+    op_id: str
+    family: str
+    data: str  # the digest of its family's data
+    stacks: Mapping[str, str]  # anchor stack -> donor stack
+    depth: Mapping[str, Sequence[int]]  # anchor stack -> donor layer per anchor layer
+    merged: frozenset[str]  # the roles merged
+
+
+@dataclass(frozen=True)
+class CrossSection:
+    """The plan's cross-family section (its wire form is what :func:`plan_section` wrote
+    and the plan id covers), read into typed fields for execution."""
+
+    params: Mapping[str, Any]
+    family: str  # the anchor's
+    data: str
+    donors: tuple[DonorEntry, ...]
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any] | None) -> CrossSection:
+        """Raises:
+            PlanError: no section, another version, or one of another shape."""
+        if not wire or wire.get("v") != ALIGN_VERSION:
+            raise PlanError(f"this plan has no {NAME} section of version {ALIGN_VERSION}")
+        try:
+            donors = tuple(DonorEntry(str(d["op_id"]), str(d["family"]), str(d["data"]),
+                                      dict(d["stacks"]), dict(d["depth"]),
+                                      frozenset(d["merged"])) for d in wire["donors"])
+            return cls(dict(wire["params"]), str(wire["anchor"]["family"]),
+                       str(wire["anchor"]["data"]), donors)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"this plan's {NAME} section is malformed ({exc!r})") from None
+
+
+def _recorded(replica: Replica, manifest: Manifest, family_name: str, data: str) -> ModelInfo:
     """A model's names mapped by the family its plan section records (not detected again).
 
     Raises:
         PlanError: that family is unknown here, or its data differs from the plan's.
     """
-    family = get_family(str(entry["family"]))
+    family = get_family(family_name)
     info = model_info(replica, manifest, family)
-    if info.data_digest() != entry["data"]:
+    if info.data_digest() != data:
         raise PlanError(f"{NAME}: the data of family {family.name} differs from the plan's "
                         "(another crdt-merge version?)")
     return info
@@ -315,19 +353,22 @@ def _recorded(replica: Replica, manifest: Manifest, entry: Mapping[str, Any]) ->
 def plan_jobs(plan: MergePlan, inputs: JobInputs) -> list[CrossJob]:
     """One job per anchor tensor, with each merged part's donor sources (from the plan's
     cross-family section, so a recorded plan re-executes exactly)."""
-    section = plan.section
-    if not section or section.get("v") != ALIGN_VERSION or plan.base is None:
-        raise PlanError(f"this plan has no {NAME} section of version {ALIGN_VERSION}")
+    section = CrossSection.from_wire(plan.section)
+    if plan.base is None:
+        raise PlanError(f"method {NAME} needs a base model: give the recipe an anchor")
     replica, manifests, shards = inputs.replica, inputs.manifests, inputs.shards
     piece_size, num_layers = inputs.piece_size, inputs.num_layers
     anchor_manifest = manifests[plan.base]
-    anchor = _recorded(replica, anchor_manifest, section["anchor"])
+    anchor = _recorded(replica, anchor_manifest, section.family, section.data)
     donors = []
-    for c, entry in zip(plan.contributions, section["donors"], strict=True):
-        info = _recorded(replica, manifests[c.manifest], entry)
+    for c, entry in zip(plan.contributions, section.donors, strict=True):
+        if entry.op_id != c.op_id:
+            raise PlanError(f"this plan's {NAME} section lists donor {entry.op_id}, not "
+                            f"contribution {c.op_id}")
+        info = _recorded(replica, manifests[c.manifest], entry.family, entry.data)
         donors.append((c, entry, info, manifests[c.manifest], info.family.dims(info.config)))
     anchor_dims = anchor.family.dims(anchor.config)
-    params = dict(section["params"])
+    params = dict(section.params)
     jobs = []
     for name, rec in anchor_manifest.tensors.items():
         out = out_dtype(plan.dtype, rec.dtype)
@@ -341,10 +382,10 @@ def plan_jobs(plan: MergePlan, inputs: JobInputs) -> list[CrossJob]:
                 sources = []
                 if key.role in MERGED_ROLES and key.param == "weight" and key.layer is not None:
                     for c, entry, info, manifest, dims in donors:
-                        if key.role not in entry["merged"] or key.stack not in entry["stacks"]:
+                        if key.role not in entry.merged or key.stack not in entry.stacks:
                             continue
-                        theirs = (f"{entry['stacks'][key.stack]}.layers."
-                                  f"{entry['depth'][key.stack][key.layer]}.{key.role}.weight")
+                        theirs = (f"{entry.stacks[key.stack]}.layers."
+                                  f"{entry.depth[key.stack][key.layer]}.{key.role}.weight")
                         if theirs not in info.canonical:
                             continue
                         native, index = info.canonical[theirs]
