@@ -48,8 +48,10 @@ def test_an_anchor_retracted_before_its_pieces_arrived_is_refused_by_name(replic
     a, b, _ = replicas
     op = contribute(a, models["ft0"])
     retract = a.retract([op.id])
-    b.apply(a.get_op(retract.id).data)
-    b.apply(a.get_op(op.id).data)  # joins without its objects: its site retracted it
+    b.stage(a.get_op(retract.id).data)  # the retract first: it waits for its deps
+    b.stage(a.get_op(op.id).data)
+    b.commit_staged()  # both join; the contribution without its objects (retracted)
+    assert {retract.id, op.id} <= set(b.ops())
     manifest = op.body["manifest"]
     b.store.put(a.store.get(manifest))  # the manifest arrived, its pieces never did
     before = b.state_root()

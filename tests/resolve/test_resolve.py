@@ -160,9 +160,16 @@ def test_retract_arriving_before_its_target(replicas, models, tmp_path: Path) ->
     only_a = resolve(a, tmp_path / "out-a", workers=1).checkpoint_id
     op = contribute(b, models["ft1"], base=models["base"], weight="1")
     retract = b.retract([op.id])
-    # a receives the retract alone first, then the contribution
-    a.apply(b.get_op(retract.id).data)
-    a.apply(b.get_op(op.id).data)  # accepted without its objects: its site retracted it
+    # a receives the retract alone first: it waits (its deps name the contribution, op
+    # format v2), then the contribution arrives and both join together, the contribution
+    # without its objects: its own member retracted it
+    a.stage(b.get_op(retract.id).data)
+    a.commit_staged()
+    assert retract.id not in a.ops()
+    a.stage(b.get_op(op.id).data)
+    a.commit_staged()
+    assert {retract.id, op.id} <= set(a.ops())
+    assert not a.store.has(op.body["manifest"])
     assert a.state_root() == b.state_root()
     assert resolve(a, tmp_path / "out-a2", workers=1).checkpoint_id == only_a
     assert resolve(b, tmp_path / "out-b2", workers=1).checkpoint_id == only_a
