@@ -93,8 +93,9 @@ def evaluate(folder: Path, held: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def merged_with_delta(work: Path, anchor: Path, delta: Path) -> Path:
-    """anchor + delta through the command line (the path every replica resolves)."""
+def merged(work: Path, contribute: list[str], recipe: list[str]) -> Path:
+    """One contribution and a recipe through the command line, resolved into
+    ``work/merged`` (the path every replica resolves); kept across reruns."""
     out = work / "merged"
     if (out / "config.json").exists():
         return out
@@ -102,30 +103,25 @@ def merged_with_delta(work: Path, anchor: Path, delta: Path) -> Path:
     if replica.exists():
         shutil.rmtree(replica)
     cli("init", str(replica), "--site", "lab")
-    cli("contribute", str(replica), str(delta), "--delta", "--base", str(anchor),
-        "--weight", "1")
-    cli("recipe", str(replica), "--method", "task_arithmetic", "--param", "lambda=1",
-        "--anchor", str(anchor))
-    result = cli("resolve", str(replica), "--out", str(out))
+    cli("contribute", str(replica), *contribute)
+    cli("recipe", str(replica), *recipe)
+    result = cli("resolve", str(replica), "--out", str(out), "--workers", "2")
     (work / "checkpoint.json").write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(replica)
     return out
 
 
+def merged_with_delta(work: Path, anchor: Path, delta: Path) -> Path:
+    """anchor + delta: task arithmetic, lambda 1."""
+    return merged(work, [str(delta), "--delta", "--base", str(anchor), "--weight", "1"],
+                  ["--method", "task_arithmetic", "--param", "lambda=1", "--anchor",
+                   str(anchor)])
+
+
 def weights_only(work: Path, anchor: Path, donor: Path) -> Path:
-    out = work / "merged"
-    if (out / "config.json").exists():
-        return out
-    replica = work / "replica"
-    if replica.exists():
-        shutil.rmtree(replica)
-    cli("init", str(replica), "--site", "lab")
-    cli("contribute", str(replica), str(donor))
-    cli("recipe", str(replica), "--method", "cross_family", "--param", "preset=asymmetric",
-        "--anchor", str(anchor))
-    cli("resolve", str(replica), "--out", str(out), "--workers", "2")
-    shutil.rmtree(replica)
-    return out
+    """The weights-only route: cross_family, preset asymmetric."""
+    return merged(work, [str(donor)], ["--method", "cross_family", "--param",
+                                       "preset=asymmetric", "--anchor", str(anchor)])
 
 
 def run_transfer(work: Path, donor_base: Path, donor: Path, anchor: Path, text: str,
