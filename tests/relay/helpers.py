@@ -16,16 +16,20 @@ from crdt_merge.replica import Replica
 
 def forged_retract(replica: Replica, target: str, scratch: Path) -> Op:
     """A retract of ``target`` (a contribution of ``replica``'s own site) that names a
-    random membership op and is signed by a random key: what a keyless relay can make.
+    random membership op and is signed by a random key: what a keyless relay can make."""
+    return forged_retracts(replica, target, scratch, 1)[0]
 
-    A genuine retract is authored on a throw-away copy of ``replica`` (so the forged body
-    has whatever fields the op format requires), then its ``member`` is replaced by a
-    random id and it is signed again with a key nobody admitted."""
+
+def forged_retracts(replica: Replica, target: str, scratch: Path, count: int) -> list[Op]:
+    """``count`` distinct forged retracts of ``target`` (see :func:`forged_retract`).
+
+    A genuine retract is authored once on a throw-away copy of ``replica`` (so the forged
+    bodies have whatever fields the op format requires); each copy of its body gets a random
+    ``member`` id and is signed with a key nobody admitted."""
     shutil.copytree(replica.path, scratch)
     with Replica.open(scratch) as copy:
         genuine = copy.retract([target])
-    body = {k: v for k, v in genuine.body.items() if k != "sig"}
-    body["member"] = os.urandom(32).hex()
-    forged = opmod.sign(body, Ed25519PrivateKey.generate())
     shutil.rmtree(scratch)
-    return forged
+    body = {k: v for k, v in genuine.body.items() if k != "sig"}
+    return [opmod.sign(dict(body, member=os.urandom(32).hex()), Ed25519PrivateKey.generate())
+            for _ in range(count)]

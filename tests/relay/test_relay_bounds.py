@@ -29,7 +29,7 @@ from crdt_merge.store.local import StagingLimits
 from crdt_merge.sync import LocalPeer, wire
 from crdt_merge.sync.http import HttpPeer
 from crdt_merge.sync.protocol import pull, sync
-from tests.relay.helpers import forged_retract
+from tests.relay.helpers import forged_retract, forged_retracts
 from tests.server.http_helpers import (
     PYTHON,
     REPO,
@@ -58,7 +58,7 @@ def test_staged_junk_is_bounded_over_http(tmp_path: Path) -> None:
     target = contribute(a, 1)
     c = join(tmp_path / "c", a.genesis_bytes(), "gamma")
     (tmp_path / "tokens").write_text(TOKENS)
-    junk = [forged_retract(a, target, tmp_path / f"scratch{i}").data for i in range(300)]
+    junk = [op.data for op in forged_retracts(a, target, tmp_path / "scratch", 300)]
     assert len(set(junk)) == 300
     server = ServerProcess(c.path, "--token-file", str(tmp_path / "tokens"),
                            env={"CRDT_MERGE_MAX_STAGED_OPS": "50",
