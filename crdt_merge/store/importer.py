@@ -28,6 +28,7 @@ from crdt_merge.store.finite import FLOAT_DTYPES, finite_known, has_nonfinite, r
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord
 from crdt_merge.store.safetensors_io import MappedFile, TensorInfo, iter_pieces, read_header
+from crdt_merge.store.shards import indexed_shards
 from crdt_merge.store.torch_bin import bin_files
 
 #: files of a model folder kept beside the tensors (config, tokenizer, chat template)
@@ -86,20 +87,7 @@ def _weight_files(path: Path) -> list[Path]:
         return [path]
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        # ValueError: not JSON or not UTF-8, or a number too long to read; RecursionError:
-        # nesting too deep
-        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelImportError(f"{index}: malformed shard index ({exc})") from None
-        for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
-                raise ModelImportError(f"{index}: shard name {shard!r} is not a plain file name")
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ModelImportError(f"{path}: shards named by the index are missing: {missing}")
-        return [path / s for s in shards]
+        return indexed_shards(path, index)
     found = sorted(path.glob("*.safetensors"))
     if not found:
         raise ModelImportError(f"{path}: no .safetensors or pytorch_model.bin files")

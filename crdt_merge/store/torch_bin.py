@@ -11,7 +11,6 @@ manifest id) whether they came from a ``.bin`` or a ``.safetensors`` file.
 
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 import warnings
@@ -21,6 +20,7 @@ from typing import Any
 from crdt_merge.dtypes import FROM_TORCH
 from crdt_merge.errors import ModelImportError
 from crdt_merge.lazy import torch
+from crdt_merge.store.shards import indexed_shards
 
 BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -43,18 +43,7 @@ def bin_files(path: Path) -> list[Path] | None:
         return None
     index = path / BIN_INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelImportError(f"{index}: malformed shard index ({exc})") from None
-        for shard in shards:
-            if not isinstance(shard, str) or "/" in shard or shard.startswith("."):
-                raise ModelImportError(f"{index}: shard name {shard!r} is not a plain file name")
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ModelImportError(f"{path}: shards named by the index are missing: {missing}")
-        return [path / s for s in shards]
+        return indexed_shards(path, index)
     if (path / BIN_NAME).is_file():
         return [path / BIN_NAME]
     found = sorted(path.glob("*.bin"))
