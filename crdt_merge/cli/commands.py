@@ -181,13 +181,19 @@ def cmd_init(args: Any) -> tuple[int, Any]:
                "text": f"created project {replica.genesis_id} with admin site {args.site}"}
 
 
-def cmd_admit(args: Any) -> tuple[int, Any]:
+def _public_key(text: str) -> bytes:
+    """An Ed25519 public key given as 64 hex characters."""
     try:
-        key = bytes.fromhex(args.public_key)
+        key = bytes.fromhex(text)
     except ValueError:
         key = b""
     if len(key) != 32:
         raise BadParameter("public key must be 64 hex characters (32 bytes)")
+    return key
+
+
+def cmd_admit(args: Any) -> tuple[int, Any]:
+    key = _public_key(args.public_key)
     with Replica.open(args.dir) as r:
         op = r.admit(args.site, key, args.role)
         return 0, {"op_id": op.id, "site": args.site, "role": args.role,
@@ -204,12 +210,7 @@ def cmd_revoke(args: Any) -> tuple[int, Any]:
 
 
 def cmd_rotate_key(args: Any) -> tuple[int, Any]:
-    try:
-        key = bytes.fromhex(args.public_key)
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise BadParameter("public key must be 64 hex characters (32 bytes)")
+    key = _public_key(args.public_key)
     with Replica.open(args.dir) as r:
         op = r.rotate_key(args.site, key, role=args.role, member=args.member)
         return 0, {"op_id": op.id, "site": args.site, "replaces": op.body["replaces"],
