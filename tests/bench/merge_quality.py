@@ -261,7 +261,10 @@ def fine_tune(base: Path, train_docs: list[str], target: Path, args: argparse.Na
     torch.manual_seed(SEED)
     warmup = max(1, args.steps // 4)
     tok = AutoTokenizer.from_pretrained(base)
+    # SmolLM2's document separator; a tokenizer without it (gemma-3) uses its EOS.
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    if sep is None or sep == tok.unk_token_id:
+        sep = tok.eos_token_id
     stream: list[int] = []
     for doc in train_docs:
         stream.extend(tok(doc, add_special_tokens=False)["input_ids"])
@@ -390,7 +393,10 @@ def score(model_dir: Path, tokenizer_dir: Path, held: list[str], args: argparse.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # SmolLM2's document separator; a tokenizer without it (gemma-3) uses its EOS.
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    if sep is None or sep == tok.unk_token_id:
+        sep = tok.eos_token_id
     span = args.eval_len - 1
     windows: list[list[int]] = []
     n_bytes = 0

@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out characters scored per domain (about)")
     parser.add_argument("--phases", nargs="*", default=[
         "twin", "twin-random", "gemma", "gemma-random", "ceiling", "twin-weights",
-        "gemma-weights", "twin-local", "gemma-local"], help="what to run, in this order")
+        "gemma-weights", "twin-local", "gemma-local", "gemma-ft", "reverse", "reverse-random",
+        "reverse-weights"], help="what to run, in this order")
+    parser.add_argument("--gemma-steps", type=int, default=8,
+                        help="fine-tuning steps of gemma-3-270m for the reverse direction")
     args = parser.parse_args(argv)
 
     import torch
@@ -277,6 +280,25 @@ def main(argv: list[str] | None = None) -> int:
                         "random")
         elif phase == "gemma-local":
             transferred("smollm2-news->gemma local", smol, ft, gemma, "local", "none")
+        elif phase in ("gemma-ft", "reverse", "reverse-random", "reverse-weights"):
+            # The reverse direction: gemma-3-270m fine-tuned on the same news documents,
+            # with the same settings (its own gain is the reference), carried into SmolLM2.
+            gft = out / "gemma-news"
+            log("fine-tuning gemma-3-270m on news (the merge_quality settings)")
+            results["train_gemma"] = fine_tune(
+                gemma, data["news"][0], gft,
+                argparse.Namespace(steps=args.gemma_steps, batch=4, seq_len=128, lr=1e-4))
+            score("gemma", gemma)
+            score("gemma-news", gft)
+            if phase == "reverse":
+                transferred("gemma-news->smollm2 direct", gemma, gft, smol, "direct", "none")
+            elif phase == "reverse-random":
+                transferred("gemma-news->smollm2 direct random", gemma, gft, smol, "direct",
+                            "random")
+            elif phase == "reverse-weights":
+                work = out / "reverse-weights-only"
+                work.mkdir(exist_ok=True)
+                score("gemma-news->smollm2 weights-only", weights_only(work, smol, gft))
         elif phase == "gemma-weights":
             score("gemma", gemma)
             work = out / "gemma-weights-only"
