@@ -29,6 +29,7 @@ names a particular whole-model method; docs/extending.md shows how one plugs in.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,6 +331,28 @@ def exclusion_text(decisions: Sequence[Mapping[str, Any]],
     return "".join(lines)
 
 
+#: the provenance keys shown first, in this order (specs/cross-family.md section 7)
+PROVENANCE_ORDER = ("engine", "donor", "donor_base", "anchor", "calibration_blake3",
+                    "calibration_bytes", "positions", "windows", "mode")
+
+
+def provenance_text(provenance: Mapping[str, Any], limit: int = 600) -> str:
+    """One line for a contribution's ``provenance`` map: what its author's op *claims*
+    about where the delta came from (signed by that member, not re-checked by anyone).
+    Ids are shortened to 16 characters; values are JSON, so no value can break a line."""
+    def show(value: Any) -> str:
+        if isinstance(value, str) and len(value) == 64 and all(ch in "0123456789abcdef"
+                                                                for ch in value):
+            return value[:16]
+        return json.dumps(value, sort_keys=True, ensure_ascii=True)
+
+    keys = [k for k in PROVENANCE_ORDER if k in provenance]
+    keys += sorted(k for k in provenance if k not in PROVENANCE_ORDER)
+    text = "delta made by its author's site, by its op: " + ", ".join(
+        f"{k} {show(provenance[k])}" for k in keys)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
     """Decide the merge for the replica's current op set (see the module docstring).
 
@@ -454,6 +477,11 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
                         + exclusion_text(decisions, contributions))
     else:
         method.validate(method_params, [c.params for c in kept])
+    for c in kept:  # where a delta came from, as its op says (crdt-merge transfer)
+        provenance = held[c.op_id].body.get("provenance")
+        if provenance is not None:
+            decisions.append({"decision": "provenance", "op_id": c.op_id,
+                              "detail": provenance_text(provenance)})
     result = MergePlan(method.name, method_params, base, tuple(kept),
                        RECIPE_DTYPES[dtype_name] if dtype_name else None,
                        seed if isinstance(seed, str) else None, allow,

@@ -138,9 +138,10 @@ def slice_config(config_bytes: bytes, slices: Sequence[Mapping[str, Any]],
 
 
 #: decisions that describe how the plan computes (cross_family's anchor, kept tensors and
-#: donor depth maps): functions of the plan, so the card may show them. The others
+#: donor depth maps) or where a merged delta came from (its op's provenance, fixed by the
+#: op id the plan names): functions of the plan, so the card may show them. The others
 #: (excluded contributions, ignored retracts, recipe conflicts) depend on the op set.
-PLAN_DECISIONS = ("cross_family_anchor", "kept_anchor", "cross_family_donor")
+PLAN_DECISIONS = ("cross_family_anchor", "kept_anchor", "cross_family_donor", "provenance")
 
 
 def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str],

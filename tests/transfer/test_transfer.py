@@ -280,6 +280,29 @@ def test_the_transfer_command_contributes_a_delta_every_replica_resolves_alike(t
     ops = {op_id: op for op_id, op in _ops(b).items() if op.kind == "contribute"}
     (op,) = ops.values()
     assert op.body["provenance"]["calibration_blake3"] == prov["calibration_blake3"]
+    # ... and the plan and the model card say where the delta came from, on every replica
+    code, planned = _cli(capsys, "plan", b)
+    assert code == 0
+    (shown,) = [d for d in planned["decisions"] if d["decision"] == "provenance"]
+    assert shown["op_id"] == op.id
+    assert f"calibration_blake3 {prov['calibration_blake3'][:16]}" in shown["detail"]
+    assert f"donor {prov['donor'][:16]}" in shown["detail"]
+    assert "engine \"transfer/1\"" in shown["detail"]
+    card_a = (tmp_path / "oa" / "README.md").read_text()
+    assert card_a == (tmp_path / "ob" / "README.md").read_text()
+    assert f"- provenance: `{op.id[:16]}` {shown['detail']}" in card_a
+
+
+def test_provenance_is_one_bounded_line_whatever_its_author_puts_in_it():
+    from crdt_merge.resolve.merge_plan import provenance_text
+
+    hostile = {"engine": "x\n## Injected heading", "zz": "y" * 5000, "donor": "a" * 64,
+               "aa": [1, 2]}
+    text = provenance_text(hostile)
+    assert "\n" not in text and len(text) <= 600 and text.endswith("...")
+    # known keys first in the spec's order, then the rest sorted; ids shortened
+    assert text.index("engine") < text.index("donor ") < text.index("aa ") < text.index("zz ")
+    assert "donor aaaaaaaaaaaaaaaa," in text and '"x\\n## Injected heading"' in text
 
 
 def _ops(path: str) -> dict:
