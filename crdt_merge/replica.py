@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,8 +53,6 @@ from crdt_merge.store.local import LocalStore, StagingLimits
 from crdt_merge.store.manifests import Manifest
 
 KEY_FILE = "site.key"
-#: seconds an object no op references is kept before gc deletes it (one day)
-GC_GRACE = 24 * 3600.0
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -238,6 +235,15 @@ class Replica:
         except (NonCanonicalEncoding, SchemaError):
             return None
         return op if op.id == op_id else None
+
+    def recheck_ops(self) -> list[str]:
+        """Verify every stored op's bytes against its id again (the cache trusted nothing
+        it did not read); quarantine the rows that fail and return their ids."""
+        bad = [op_id for op_id, data in self.store.op_rows()
+               if self._verified(op_id, data) is None]
+        if bad:
+            self.store.index.quarantine_ops(bad)
+        return bad
 
     def wanted_objects(self) -> list[str]:
         """Objects lost here (quarantined by a read or fsck) and wanted again from a peer."""
@@ -595,97 +601,3 @@ class Replica:
             f"anchor manifest {anchor} lacks {len(missing)} of its pieces here: {why}. Import "
             "the model again (`--anchor PATH`), sync with a replica that holds every piece, "
             "or choose another anchor"))
-
-    # -- reading the state ------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        ops = list(self.ops().values())
-        state = opset.membership(ops)
-        recipes = opset.recipe_state(ops, state.counted)
-        live = {op.id for op in opset.live_contributions(ops, state.counted)}
-        contributions = [
-            {"op_id": op.id, "site": op.site, "label": op.body["label"],
-             "manifest": op.body["manifest"], "form": op.body["form"],
-             "params": op.body["params"], "live": op.id in live,
-             "counts": op.id in state.counted}
-            for op in sorted((o for o in ops if o.kind == "contribute"), key=lambda o: o.id)
-        ]
-        recipe = None
-        if recipes.winner is not None:
-            w = recipes.winner.body
-            recipe = {"op_id": recipes.winner.id, "method": w["method"], "params": w["params"],
-                      "anchor": w.get("anchor"), "site": w["site"]}
-        return {
-            "project": self.genesis_id, "site": self.site, "state_root": self.state_root(),
-            "ops": len(ops), "staged": self.staged_count(),
-            "sites": sorted({op.site for op in ops}),
-            "contributions": contributions, "recipe": recipe,
-            "conflicts": [{"op_id": op.id, "method": op.body["method"], "site": op.site}
-                          for op in recipes.conflicts],
-            "ignored_retracts": [{"retract": r.id, "target": t}
-                                 for r, t in opset.ignored_retracts(ops, state.counted)],
-            "members": self.members(),
-            "not_counted": [{"op_id": op_id, "kind": self.ops()[op_id].kind,
-                             "site": self.ops()[op_id].site, "why": why}
-                            for op_id, why in state.not_counted.items()],
-        }
-
-    def gc(self, grace: float = GC_GRACE) -> dict[str, int]:
-        """Delete objects referenced only by contributions their own site retracted, and
-        objects no committed or verified staged op references at all (a PUT nobody's op
-        named, an abandoned upload) once they are ``grace`` seconds old: the grace keeps
-        the objects of a push whose ops are still on their way. ``deleted`` counts both,
-        ``unreferenced`` the second kind; stale download part files go too.
-
-        When a committed op that is not retracted lacks one of its manifests (quarantined,
-        waiting to be fetched again), its pieces are unknown, so nothing is deleted: gc
-        would otherwise delete pieces that op still needs and no sync would bring back.
-        """
-        ops = list(self.ops().values())
-        retracts = opset.retracts_by_target(ops)
-        keep: set[str] = set()
-        dead: set[str] = set()
-        for op in ops + self.pending():
-            refs = [m for m in op.objects() if self.store.has(m)]
-            objects = set(self.closure(refs))
-            if op.kind == "contribute" and op.id in self.ops() and opset.is_retracted(op, retracts):
-                dead |= objects
-            else:
-                if op.id in self.ops() and len(refs) < len(op.objects()):
-                    return {"deleted": 0, "unreferenced": 0}
-                keep |= objects | set(op.objects())
-        doomed = sorted(dead - keep)
-        now = time.time()
-        loose = [o for o in self.store.object_ids() if o not in keep and o not in dead
-                 and now - self.store.files.mtime(o) >= grace]
-        self.store.delete_objects(doomed + loose)
-        self.store.files.clean_parts()
-        return {"deleted": len(doomed) + len(loose), "unreferenced": len(loose)}
-
-    def fsck(self) -> dict[str, Any]:
-        """Verify every held object and op; quarantine what fails. ``ok`` is False when
-        anything was corrupt or an op lacks its objects. ``corrupt`` lists the indexed
-        objects whose file failed its hash or was gone; each is wanted again from a peer."""
-        corrupt = []
-        for object_id in self.store.object_ids():
-            try:
-                self.store.get(object_id)
-            except (PieceCorrupt, PieceMissing):
-                corrupt.append(object_id)
-        bad = [op_id for op_id, data in self.store.op_rows()
-               if self._verified(op_id, data) is None]
-        if bad:
-            self.store.index.quarantine_ops(bad)
-        bad_ops = self.quarantined_ops()
-        ops = list(self.ops().values())
-        retracts = opset.retracts_by_target(ops)
-        incomplete = []
-        for op in ops:
-            needed = self.objects_needed(op, retracts)
-            held = [m for m in needed if self.store.has(m)]
-            if len(held) < len(needed) or self.store.missing(self.closure(held)):
-                incomplete.append(op.id)
-        return {"objects": len(self.store.object_ids()) + len(corrupt), "corrupt": corrupt,
-                "bad_ops": bad_ops, "incomplete_ops": incomplete, "wanted": self.store.index.wanted(),
-                "ok": not (corrupt or bad_ops or incomplete)}
-

@@ -32,7 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.exceptions import HTTPException
 
-from crdt_merge import ENGINE
+from crdt_merge import ENGINE, maintenance
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import CrdtMergeError
 from crdt_merge.sync import wire
@@ -219,7 +219,7 @@ def render(request: Request) -> str:
     """The page's HTML (call it off the event loop: it reads the replica)."""
     service = request.app.state.service
     replica = service.replica
-    status = replica.status()
+    status = maintenance.status(replica)
     ops = list(replica.ops().values())
     root = status["state_root"]
     genesis = replica.get_op(replica.genesis_id)

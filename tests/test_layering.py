@@ -118,7 +118,7 @@ def test_families_never_import_the_store_crdt_or_anything_above(module):
 #: crdt share a rank but do not import each other, see above). ``crdt_merge`` is the package
 #: itself (``from crdt_merge import ENGINE``); ``replica`` is the public API over store + crdt.
 RANKS = {"errors": 0, "lazy": 0, "dtypes": 0, "hashing": 1, "codec": 2, "numeric": 2, "": 2, "store": 3, "crdt": 3,
-         "methods": 4, "families": 5, "recipe": 5, "interop": 6, "replica": 6, "formats": 6, "transfer": 6, "resolve": 7, "sync": 8, "cli": 9,
+         "methods": 4, "families": 5, "recipe": 5, "interop": 6, "replica": 6, "maintenance": 6, "formats": 6, "transfer": 6, "resolve": 7, "sync": 8, "cli": 9,
          "demo": 10, "__main__": 10}
 
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from crdt_merge import maintenance
 from crdt_merge.cli import progress
 from crdt_merge.cli.render import plan_text, short_ids, status_text, warn
 from crdt_merge.crdt.ops import Op
@@ -117,7 +118,7 @@ def _current_method(r: Replica) -> tuple[Any, dict[str, Any]] | None:
     """The winning recipe's method and its method parameters, or None."""
     from crdt_merge.methods import get_method
 
-    rec = r.status()["recipe"]
+    rec = maintenance.status(r)["recipe"]
     if rec is None:
         return None
     try:
@@ -410,7 +411,7 @@ def cmd_status(args: Any) -> tuple[int, Any]:
     from crdt_merge.resolve.checkpoint_cache import Checkpoints
 
     with Replica.open(args.dir) as r:
-        s = r.status()
+        s = maintenance.status(r)
         fate, why, the_plan = fates(r, s)
         for c in s["contributions"]:
             c["fate"] = fate[c["op_id"]]
@@ -578,7 +579,7 @@ def cmd_verify(args: Any) -> tuple[int, Any]:
 
 def cmd_fsck(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
-        report = r.fsck()
+        report = maintenance.fsck(r)
         report["text"] = (f"{report['objects']} objects; corrupt: {len(report['corrupt'])}; "
                           f"ops lacking objects: {len(report['incomplete_ops'])}"
                           + ("" if report["ok"] else "; run `crdt-merge sync` to fetch them again"))
@@ -587,7 +588,7 @@ def cmd_fsck(args: Any) -> tuple[int, Any]:
 
 def cmd_gc(args: Any) -> tuple[int, Any]:
     with Replica.open(args.dir) as r:
-        report = r.gc(grace=args.grace)
+        report = maintenance.gc(r, grace=args.grace)
         report["text"] = (f"deleted {report['deleted']} objects ({report['unreferenced']} "
                           "that no op references)")
         return 0, report

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from crdt_merge import maintenance
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import BadParameter
 from crdt_merge.interop.mergekit import Draft, load
@@ -71,7 +72,7 @@ def apply_draft(replica: Replica, draft: Draft, path: str,
                 detail = detail.replace(model_id, ref)
             raise BadParameter(f"{path}: {detail}") from None
 
-    status = replica.status()
+    status = maintenance.status(replica)
     existing = {(c["manifest"], _key(c["params"])): c["op_id"] for c in status["contributions"]
                 if c["live"] and c["site"] == replica.site}
     planned: list[tuple[dict[str, Any], Any]] = []  # (report entry, contribute kwargs or None)

@@ -267,6 +267,14 @@ class LocalStore:
     def object_ids(self) -> list[str]:
         return self.index.object_ids()
 
+    def mtime(self, object_id: str) -> float:
+        """When the object's file was written (0 when it is gone)."""
+        return self.files.mtime(object_id)
+
+    def clean_parts(self) -> int:
+        """Delete stale download part files (see :meth:`ObjectFiles.clean_parts`)."""
+        return self.files.clean_parts()
+
     def delete_objects(self, ids: Iterable[str]) -> None:
         ids = list(ids)
         self.index.remove_objects(ids)

@@ -13,6 +13,7 @@ from typing import Any
 import blake3
 import torch
 
+from crdt_merge import maintenance
 from crdt_merge.errors import PieceCorrupt, PieceMissing
 from crdt_merge.hashing import STATE_ROOT_DOMAIN
 from crdt_merge.replica import Replica
@@ -153,7 +154,7 @@ def check_invariants(path: Path) -> None:
         for f in (path / "objects").rglob("*"):
             if f.is_file():
                 assert blake3.blake3(f.read_bytes()).hexdigest() == f.name, f"torn file {f}"
-        report = r.fsck()
+        report = maintenance.fsck(r)
         assert report["ok"], report
         assert not report["wanted"], report
         leftovers = [p.name for p in (path / "tmp").iterdir()
@@ -163,9 +164,9 @@ def check_invariants(path: Path) -> None:
 
 def same_view(replicas: list[Replica]) -> None:
     """Every replica holds the same ops and reads the same state from them."""
-    first = replicas[0].status()
+    first = maintenance.status(replicas[0])
     for r in replicas[1:]:
-        s = r.status()
+        s = maintenance.status(r)
         for key in ("state_root", "ops", "contributions", "recipe", "conflicts",
                     "ignored_retracts"):
             assert s[key] == first[key], (key, s[key], first[key])

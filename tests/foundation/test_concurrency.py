@@ -3,6 +3,7 @@ succeed, and a process's cached state is refreshed when another one commits."""
 
 from __future__ import annotations
 
+from crdt_merge import maintenance
 from crdt_merge.replica import Replica
 from crdt_merge.sync import LocalPeer, sync
 
@@ -53,4 +54,4 @@ def test_cached_state_is_refreshed_after_another_process_commits(forks, tmp_path
         assert len(r.op_ids()) == len(ops) + 1
         assert r.state_root() == expected_root(r.op_ids())
         assert labels(r) == ["seed 7"]
-        assert r.status()["state_root"] == r.state_root()
+        assert maintenance.status(r)["state_root"] == r.state_root()

@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from crdt_merge import maintenance
 from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import PeerError
@@ -72,7 +73,7 @@ def deliver(replica: Replica, pool: Pool, given: Op, *, with_objects: bool, comm
 def check_root(replica: Replica) -> None:
     ids = replica.op_ids()
     assert replica.state_root() == expected_root(ids)
-    assert replica.fsck()["ok"]
+    assert maintenance.fsck(replica)["ok"]
 
 
 @st.composite

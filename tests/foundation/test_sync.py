@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from crdt_merge import maintenance
 from crdt_merge.errors import PeerError
 from crdt_merge.replica import Replica
 from crdt_merge.sync import LocalPeer, SyncStats, pull, push, sync
@@ -125,7 +126,7 @@ def test_a_retracted_contributions_objects_are_not_sent(alice, fast_tmp):
     sync(bob, peer)
     assert not set(peer.served) & only_gone
     assert doomed.id in bob.ops() and bob.state_root() == alice.state_root()
-    assert bob.fsck()["ok"]
+    assert maintenance.fsck(bob)["ok"]
 
     # a replica that receives the retract in the same sync, by pull and by push
     for how in (pull, push):
@@ -138,7 +139,7 @@ def test_a_retracted_contributions_objects_are_not_sent(alice, fast_tmp):
             push(alice, peer)
             sent = set(peer.received)
         assert not sent & only_gone and sent
-        assert r.state_root() == alice.state_root() and r.fsck()["ok"]
+        assert r.state_root() == alice.state_root() and maintenance.fsck(r)["ok"]
 
 
 def test_a_retract_by_another_site_does_not_stop_the_objects(alice, fast_tmp):
@@ -153,7 +154,7 @@ def test_a_retract_by_another_site_does_not_stop_the_objects(alice, fast_tmp):
     sync(carol, peer)
     assert model_objects(alice, m) <= set(peer.served)
     assert [o.id for o in carol.ops().values() if o.kind == "contribute"] == [target.id]
-    assert carol.status()["contributions"][0]["live"]
+    assert maintenance.status(carol)["contributions"][0]["live"]
 
 
 # -- gc -----------------------------------------------------------------------------------------
@@ -173,24 +174,24 @@ def test_gc_deletes_only_what_effectively_retracted_contributions_alone_referenc
     bob.retract([c1.id])                     # no effect: alice made c1
     sync(alice, LocalPeer(bob))
     alice.retract([c2.id, c3.id])            # effective; m3 is still the recipe's anchor
-    before = alice.status()
+    before = maintenance.status(alice)
 
     objects = {m: model_objects(alice, m) for m in (m1, m2, m3, m4, m5)}
     kept = set().union(objects[m1], objects[m3], objects[m4], objects[m5],
                        model_objects(alice, c6.body["manifest"]))
-    assert alice.gc()["deleted"] == len(objects[m2] - kept)
+    assert maintenance.gc(alice)["deleted"] == len(objects[m2] - kept)
     held = set(alice.store.object_ids())
     assert held == kept and not (objects[m2] - kept) & held
     assert not any((alice.path / "objects" / o[:2] / o).exists() for o in objects[m2] - kept)
-    assert alice.gc()["deleted"] == 0
-    after = alice.status()
-    assert after == before and alice.fsck()["ok"]
+    assert maintenance.gc(alice)["deleted"] == 0
+    after = maintenance.status(alice)
+    assert after == before and maintenance.fsck(alice)["ok"]
     check_invariants(alice.path)
 
     # a new replica syncs from the collected one without needing what was deleted
     carol = replica(fast_tmp, alice, "carol")
     sync(carol, LocalPeer(alice))
-    assert carol.state_root() == alice.state_root() and carol.fsck()["ok"]
+    assert carol.state_root() == alice.state_root() and maintenance.fsck(carol)["ok"]
     assert not set(carol.store.object_ids()) & (objects[m2] - kept)
     sync(bob, LocalPeer(alice))  # bob still holds m2's objects; carol never needs them
     peer = CountingPeer(bob)
@@ -216,7 +217,7 @@ def test_fsck_finds_a_flipped_byte_and_the_next_sync_fetches_it_again(alice, fas
     victim = m if which == "manifest" else sorted(model_objects(bob, m) - {m})[0]
     flip_a_byte(bob, victim)
 
-    report = bob.fsck()
+    report = maintenance.fsck(bob)
     assert report["corrupt"] == [victim] and not report["ok"]
     assert report["wanted"] == [victim] and report["incomplete_ops"] == [op.id]
     assert not bob.store.has(victim) and not bob.store.files.exists(victim)
@@ -225,7 +226,7 @@ def test_fsck_finds_a_flipped_byte_and_the_next_sync_fetches_it_again(alice, fas
     peer = CountingPeer(alice)
     stats = sync(bob, peer)
     assert peer.served == Counter({victim: 1}) and stats.objects_received == 1
-    assert bob.fsck()["ok"] and bob.store.index.wanted() == []
+    assert maintenance.fsck(bob)["ok"] and bob.store.index.wanted() == []
     assert bob.store.get(victim) == alice.store.get(victim)
     assert moved(sync(bob, LocalPeer(alice))) == (0, 0, 0, 0)
 
@@ -234,7 +235,7 @@ def test_fsck_reports_a_deleted_object_file(alice):
     m = put_model(alice, 1)
     alice.contribute(m)
     alice.store.files.path(m).unlink()
-    report = alice.fsck()
+    report = maintenance.fsck(alice)
     assert m in report["corrupt"] and not report["ok"] and report["wanted"] == [m]
 
 
@@ -306,11 +307,11 @@ def test_gc_keeps_pieces_when_a_live_contributions_manifest_is_lost(alice, fast_
     sync(bob, LocalPeer(alice))
     alice.retract([doomed.id])
     flip_a_byte(alice, m1)
-    assert alice.fsck()["corrupt"] == [m1]
+    assert maintenance.fsck(alice)["corrupt"] == [m1]
     shared = model_objects(bob, m1) & model_objects(bob, m2)
-    assert shared and alice.gc()["deleted"] == 0
+    assert shared and maintenance.gc(alice)["deleted"] == 0
     assert shared - {m1} <= set(alice.store.object_ids())
     sync(alice, LocalPeer(bob))
-    assert alice.fsck()["ok"]
-    assert alice.gc()["deleted"] == len(model_objects(bob, m2) - model_objects(bob, m1))
-    assert alice.fsck()["ok"]
+    assert maintenance.fsck(alice)["ok"]
+    assert maintenance.gc(alice)["deleted"] == len(model_objects(bob, m2) - model_objects(bob, m1))
+    assert maintenance.fsck(alice)["ok"]

@@ -21,7 +21,7 @@ import httpx
 import msgpack
 import pytest
 
-from crdt_merge import codec
+from crdt_merge import codec, maintenance
 from crdt_merge.errors import PeerError
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
@@ -250,7 +250,7 @@ def test_gc_removes_objects_no_op_references_after_the_grace(tmp_path: Path) -> 
     with Replica.open(tmp_path / "a") as r:
         assert not any(r.store.has(digest(d)) for d in loose)
         assert all(r.store.has(o) for o in kept)
-        assert r.state_root() == root and r.fsck()["ok"]
+        assert r.state_root() == root and maintenance.fsck(r)["ok"]
 
 
 def test_rendered_checkpoints_are_pruned(tmp_path: Path) -> None:

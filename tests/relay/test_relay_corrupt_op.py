@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from crdt_merge import maintenance
 from crdt_merge.replica import Replica
 from crdt_merge.sync import LocalPeer, pull, sync
 from crdt_merge.sync.http import HttpPeer
@@ -39,13 +40,13 @@ def test_corrupt_op_row_is_quarantined_and_fetched_again(tmp_path: Path) -> None
     flip_sig_byte(Replica.open(tmp_path / "a"), target)
 
     a = Replica.open(tmp_path / "a")  # a fresh process's view: reads the damaged row
-    report = a.fsck()
+    report = maintenance.fsck(a)
     assert report["bad_ops"] == [target] and not report["ok"]
     assert target not in a.ops() and a.state_root() != good_root
     # the sets now differ by that op, so reconciliation finds it and the sync repairs it
     sync(a, LocalPeer(b))
     assert a.state_root() == good_root and target in a.ops()
-    assert a.fsck()["ok"] and a.fsck()["bad_ops"] == []
+    assert maintenance.fsck(a)["ok"] and maintenance.fsck(a)["bad_ops"] == []
     a.close()
     b.close()
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import blake3
 import httpx
 
+from crdt_merge import maintenance
 from crdt_merge.replica import Replica
 from crdt_merge.store.objects import ObjectFiles
 from tests.server.http_helpers import (
@@ -292,7 +293,7 @@ def inspect_after_crash(path: Path, truth: Callable[[str], bytes] | None = None)
     with Replica.open(path) as r:
         left = sorted(p.name for p in (path / "tmp").iterdir() if not p.name.endswith(".part"))
         assert left == [], f"temp files left after reopening: {left}"
-        report = r.fsck()
+        report = maintenance.fsck(r)
         assert report["ok"] and not report["wanted"], report
         indexed = set(r.store.object_ids())
         assert indexed <= files

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from crdt_merge import maintenance
 from crdt_merge.errors import BadParameter, OutputExists, PlanError, UnknownMethod
 from crdt_merge.methods import reduce
 from crdt_merge.replica import Replica
@@ -134,7 +135,7 @@ def test_unrelated_ops_keep_the_checkpoint_and_retract_restores_it(replicas, mod
     before = resolve(a, tmp_path / "before", workers=1)
 
     # a retract of another site's op changes the state but nothing computed
-    a_op = next(x for x in a.status()["contributions"] if x["site"] == "alpha")
+    a_op = next(x for x in maintenance.status(a)["contributions"] if x["site"] == "alpha")
     c.retract([a_op["op_id"]])  # gamma cannot retract alpha's contribution
     sync_all(a, b, c)
     same = resolve(b, tmp_path / "same", workers=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from http_helpers import contribute, join, new_project, objects_of, put_model
 
-from crdt_merge import codec
+from crdt_merge import codec, maintenance
 from crdt_merge.errors import HashMismatch, OpMissing, PieceMissing, WrongProject
 from crdt_merge.hashing import digest
 from crdt_merge.sync import pull, push, sync
@@ -88,7 +88,7 @@ def test_join_pull_moves_each_object_once(origin, serve, tmp_path):
     assert peer.objects_served == len(needed)
     again = sync(beta, peer)
     assert (again.objects_received, again.ops_received, again.ops_sent) == (0, 0, 0)
-    assert beta.fsck()["ok"]
+    assert maintenance.fsck(beta)["ok"]
 
 
 def test_push_sends_only_what_the_peer_lacks(origin, serve, tmp_path):

@@ -19,6 +19,7 @@ from http_helpers import (
     tensor_bytes,
 )
 
+from crdt_merge import maintenance
 from crdt_merge.store.manifests import Manifest, TensorRecord
 from crdt_merge.sync import pull, push, sync, wire
 from crdt_merge.sync.http import HttpPeer
@@ -118,7 +119,7 @@ def test_killed_server_then_resume_resends_nothing_that_arrived(pair, tmp_path):
         again.stop()
     assert op_id in beta.ops()
     assert beta.state_root() == origin.state_root()
-    assert beta.fsck()["ok"]
+    assert maintenance.fsck(beta)["ok"]
     assert not list((beta.path / "tmp").iterdir())
 
 

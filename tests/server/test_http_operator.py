@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from http_helpers import ServerProcess, contribute, join, new_project, put_model, wait_for
 from operator_helpers import ThreadServer, parse, scrape, total, value
 
-from crdt_merge import codec
+from crdt_merge import codec, maintenance
 from crdt_merge.replica import Replica
 from crdt_merge.sync import sync
 from crdt_merge.sync.http import HttpPeer
@@ -381,7 +381,7 @@ def test_a_burst_of_writes_makes_one_round_per_peer(tmp_path):
                         == 1, timeout=30)
         assert value(scrape(server_a.url), "crdt_merge_sync_rounds_total",
                      trigger="notice") == 0
-        assert {c["label"] for c in b_replica.status()["contributions"]} == {
+        assert {c["label"] for c in maintenance.status(b_replica)["contributions"]} == {
             f"m{i}" for i in range(10)}
     finally:
         server_a.stop()

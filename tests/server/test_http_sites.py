@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from http_helpers import contribute, join, new_project, start_servers
 
+from crdt_merge import maintenance
 from crdt_merge.cli.main import main as cli_main
 from crdt_merge.replica import Replica
 from crdt_merge.sync import sync
@@ -66,7 +67,7 @@ def checkpoints(sites: list[Site]) -> list[dict]:
 
 
 def live_everywhere(sites: list[Site], op_id: str) -> set[bool]:
-    return {next(c["live"] for c in s.replica.status()["contributions"] if c["op_id"] == op_id)
+    return {next(c["live"] for c in maintenance.status(s.replica)["contributions"] if c["op_id"] == op_id)
             for s in sites}
 
 
@@ -133,7 +134,7 @@ def test_checkpoint_ids_agree_over_http(sites, capsys):
 def test_retract_at_one_site_takes_effect_at_all(sites):
     alpha, beta, gamma = sites
     before = checkpoints(sites) if resolve_available() else None
-    mine = next(c["op_id"] for c in beta.replica.status()["contributions"]
+    mine = next(c["op_id"] for c in maintenance.status(beta.replica)["contributions"]
                 if c["site"] == "beta" and c["live"])
     beta.replica.retract([mine])
     for a in (beta, alpha, beta):  # star around alpha this time
@@ -151,7 +152,7 @@ def test_retract_at_one_site_takes_effect_at_all(sites):
 def test_retract_of_another_sites_op_is_ignored_by_every_plan(sites):
     alpha, beta, gamma = sites
     before = checkpoints(sites) if resolve_available() else None
-    theirs = next(c["op_id"] for c in gamma.replica.status()["contributions"]
+    theirs = next(c["op_id"] for c in maintenance.status(gamma.replica)["contributions"]
                   if c["site"] == "alpha" and c["live"])
     retract = gamma.replica.retract([theirs])  # valid op, no effect: alpha made the target
     for a in (alpha, beta):
@@ -160,7 +161,7 @@ def test_retract_of_another_sites_op_is_ignored_by_every_plan(sites):
     assert len(served_roots(sites)) == 1
     assert live_everywhere(sites, theirs) == {True}
     for s in sites:
-        assert {"retract": retract.id, "target": theirs} in s.replica.status()["ignored_retracts"]
+        assert {"retract": retract.id, "target": theirs} in maintenance.status(s.replica)["ignored_retracts"]
     if before is not None:
         from crdt_merge.resolve import plan
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from crdt_merge import maintenance
 from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt import opset
 from crdt_merge.errors import CrdtMergeError, PeerError, PlanError, RecipeError, UnknownSite
@@ -492,7 +493,7 @@ class Simulation:
                 raise self.fail(f"{site} resolve failed: {exc.code}: {exc.detail}") from exc
             else:
                 resolved[site] = f"checkpoint {result.checkpoint_id}"
-        status = self.replicas["s0"].status()
+        status = maintenance.status(self.replicas["s0"])
         self.note(f"state: {status['ops']} ops, {len(status['contributions'])} contributions, "
                   f"{len(status['conflicts'])} recipe conflicts, "
                   f"{len(status['ignored_retracts'])} ignored retracts")
