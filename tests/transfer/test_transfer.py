@@ -9,7 +9,11 @@ expected update is computed here from the weights (not by the code under test)."
 from __future__ import annotations
 
 import copy
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -221,8 +225,6 @@ def test_text_without_a_shared_word_end_is_refused(twin_case):
 
 
 def _cli(capsys, *args: str) -> tuple[int, dict]:
-    import json
-
     from crdt_merge.cli.main import main
 
     code = main(["--json", *args])
@@ -266,6 +268,17 @@ def test_the_transfer_command_contributes_a_delta_every_replica_resolves_alike(t
     ra = _cli(capsys, "resolve", a, "--out", str(tmp_path / "oa"), "--workers", "1")[1]
     rb = _cli(capsys, "resolve", b, "--out", str(tmp_path / "ob"), "--workers", "2")[1]
     assert ra["checkpoint_id"] == rb["checkpoint_id"]
+    # the stored delta resolves alike under other CPU kernels and thread counts too (the
+    # activation step ran once, at the contributing site; resolve is the usual path)
+    for i, (where, env, workers) in enumerate((
+            (b, {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}, 1),
+            (a, {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}, 2))):
+        proc = subprocess.run([sys.executable, "-m", "crdt_merge", "--json", "resolve", where,
+                               "--out", str(tmp_path / f"kernel{i}"), "--workers", str(workers)],
+                              capture_output=True, text=True, env=dict(os.environ, **env),
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["checkpoint_id"] == ra["checkpoint_id"], env
     # the output is the anchor plus the update, in the anchor's family
     from safetensors.torch import load_file
 
