@@ -136,32 +136,26 @@ def members(replica: Any, status: dict[str, Any], ops: Iterable[Op]) -> list[dic
 
 
 class PlanView:
-    """The plan's fate of each contribution, computed once per state root."""
+    """The plan's fate of each contribution (:mod:`crdt_merge.resolve.fates`), computed
+    once per state root."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cache: tuple[str, dict[str, str], str | None] | None = None
 
     def fates(self, replica: Any, root: str) -> tuple[dict[str, str], str | None]:
-        """``({op id: fate}, None)``, or ``({}, why there is no plan)``."""
+        """``({op id: fate}, why there is no plan or None)``."""
         with self._lock:
             if self._cache is not None and self._cache[0] == root:
                 return self._cache[1], self._cache[2]
             try:
-                from crdt_merge.resolve import plan
+                from crdt_merge.resolve.fates import planned_fates
             except ImportError as exc:
                 out: tuple[dict[str, str], str | None] = ({}, f"resolve is not available ({exc})")
             else:
-                try:
-                    the_plan = plan(replica)
-                except CrdtMergeError as exc:
-                    out = ({}, exc.detail)
-                else:
-                    fates = {c.op_id: "merged" for c in the_plan.contributions}
-                    for d in the_plan.decisions:
-                        if d.get("decision") == "excluded" and "op_id" in d:
-                            fates[d["op_id"]] = f"excluded: {d.get('detail', '')}"
-                    out = (fates, None)
+                _, error, fate = planned_fates(replica)
+                out = ({i: str(f) for i, f in fate.items()},
+                       None if error is None else error.detail)
             self._cache = (root, *out)
             return out
 
@@ -247,12 +241,7 @@ def render(request: Request) -> str:
 
     rows = []
     for c in status["contributions"]:
-        if not c["live"]:
-            fate = "retracted"
-        elif no_plan is not None:
-            fate = "no plan"
-        else:
-            fate = fates.get(c["op_id"], "not used by the plan")
+        fate = fates.get(c["op_id"], "retracted" if not c["live"] else "live (no plan yet)")
         rows.append([esc(c["site"]), f'<span class="label">{esc(c["label"])}</span>',
                      esc(c["form"]), esc(human_bytes(manifest_size(replica, c["manifest"]))),
                      esc(params_text(c["params"])), esc(fate), code(c["op_id"][:16] + "…")])

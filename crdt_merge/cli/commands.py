@@ -372,39 +372,14 @@ def cmd_recipe(args: Any) -> tuple[int, Any]:
                    "text": f"recipe {method.name}: op {op.id[:12]}"}
 
 
-def fates(r: Replica, status: dict[str, Any]) -> tuple[dict[str, str], str | None, Any]:
-    """Each contribution's fate in the current plan (``counted``, ``excluded: why``,
-    ``retracted``...), why there is no plan (or None), and the plan."""
-    the_plan, why = _planned(r, [])
-    out: dict[str, str] = {}
-    ignored = {d["target"] for d in status.get("ignored_retracts", [])}
-    counted = {c.op_id for c in the_plan.contributions} if the_plan is not None else set()
-    decided = {}
-    notes: dict[str, list[str]] = {}
-    if the_plan is not None:
-        for d in the_plan.decisions:
-            if d.get("decision") == "excluded":
-                decided[d["op_id"]] = f"excluded: {d['detail']}"
-            elif d.get("decision") == "params_ignored":
-                notes.setdefault(d["op_id"], []).append(d["detail"])
-    for c in status["contributions"]:
-        i = c["op_id"]
-        if not c.get("counts", True):
-            fate = "does not count: its author's key was revoked or replaced before it"
-        elif not c["live"]:
-            fate = "retracted"
-        elif i in counted:
-            fate = "counted"
-        elif i in decided:
-            fate = decided[i]
-        else:
-            fate = "live (no plan yet)" if the_plan is None else "not used"
-        if i in ignored and c["live"]:
-            fate += "; a retract of it by another site is ignored"
-        if i in notes:
-            fate += "; " + "; ".join(notes[i])
-        out[i] = fate
-    return out, why, the_plan
+def fates(r: Replica) -> tuple[dict[str, str], str | None, Any]:
+    """Each contribution's fate in the current plan (:mod:`crdt_merge.resolve.fates`), why
+    there is no plan (or None), and the plan."""
+    from crdt_merge.resolve.fates import planned_fates
+
+    the_plan, error, fate = planned_fates(r)
+    why = None if error is None else f"{error.code}: {error.detail}"
+    return {i: str(f) for i, f in fate.items()}, why, the_plan
 
 
 def cmd_status(args: Any) -> tuple[int, Any]:
@@ -412,7 +387,7 @@ def cmd_status(args: Any) -> tuple[int, Any]:
 
     with Replica.open(args.dir) as r:
         s = maintenance.status(r)
-        fate, why, the_plan = fates(r, s)
+        fate, why, the_plan = fates(r)
         for c in s["contributions"]:
             c["fate"] = fate[c["op_id"]]
         s["plan_error"] = why

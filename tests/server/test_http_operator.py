@@ -108,7 +108,7 @@ def test_status_page_shows_fates_members_and_no_plan(tmp_path):
                           r"</td><td>full</td><td>([^<]+)</td><td>[^<]*</td><td>([^<]+)</td>",
                           text)
         assert sorted((label, fate) for label, _, fate in rows) == [
-            ("model-1", "retracted"), ("model-2", "merged")], rows
+            ("model-1", "retracted"), ("model-2", "counted")], rows
         assert all(size.endswith("KiB") for _, size, _ in rows)
         assert second[:16] in text
     a.close()
