@@ -73,7 +73,9 @@ def test_status_page_escapes_what_members_wrote(tmp_path):
         assert r.genesis_id in text and r.state_root() in text
         checkpoint = client.get("/v1/checkpoint", headers={"Accept": "application/json"}).json()
         assert f'id="checkpoint-id">{checkpoint["checkpoint_id"]}<' in text
-        assert text.count(">merged<") == 2  # "note" is no parameter of linear: ignored
+        # "note" is no parameter of linear: ignored, and the fate says so (as status does)
+        assert text.count(">counted<") == 1
+        assert ">counted; note is not used by linear; ignored, as mergekit ignores it<" in text
         assert "linear" in text and "alpha" in text and "admin" in text
         assert checkpoint["numeric_profile"]["torch"] in text
         # the page links the checkpoint's files, and they download
