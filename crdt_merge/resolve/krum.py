@@ -68,6 +68,7 @@ class _Krum:
     name: str
     same_shapes: bool = True
     processes: bool = False
+    adapters: bool = True  # scored on their materialised task vectors, merged per tensor
 
     @property
     def run_job(self) -> Any:

@@ -156,7 +156,8 @@ def _adapter_problem(adapter: Manifest, base: Manifest | None, whole: bool,
                      sliced: bool) -> str | None:
     """Why an adapter contribution cannot take part, or None: its table must be valid for
     the plan's base (specs/formats.md section 11); whole-model methods (cross_family...)
-    and layer slices do not take adapters."""
+    other than those that declare ``adapters`` (krum, multi_krum) and layer slices do not
+    take adapters."""
     from crdt_merge.errors import ModelImportError
     from crdt_merge.store.adapter import adapter_table
 
@@ -421,7 +422,9 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         donor = replica.get_manifest(c.manifest)
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
         if c.form == "adapter":  # its table is checked against the base instead of shapes
-            problem = _adapter_problem(donor, base_manifest, whole is not None, slices is not None)
+            problem = _adapter_problem(donor, base_manifest,
+                                       whole is not None and not getattr(whole, "adapters", False),
+                                       slices is not None)
             if problem:
                 decisions.append({"decision": "excluded", "op_id": c.op_id,
                                   "detail": f"adapter: {problem}"})
@@ -571,6 +574,9 @@ class WholeModel(Protocol):
             jobs of its own.
         processes: run :attr:`run_job` in worker processes (each with its own torch and
             LAPACK state) rather than threads.
+        adapters (optional, default False): the method takes adapter contributions (it
+            reads their task vectors through :mod:`crdt_merge.resolve.outliers` and runs
+            the per-tensor path, which materialises them: krum, multi_krum).
     """
 
     name: str
