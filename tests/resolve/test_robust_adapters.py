@@ -187,3 +187,55 @@ def test_cached_pair_sums_give_the_fresh_statistics(tmp_path: Path) -> None:
         keys = [k for k, in r.store.index.query("SELECT key FROM meta WHERE key LIKE 'taskstats/%'")]
         assert len(keys) == 15  # 5 donors: every pair once, with itself too
         r.close()
+
+
+def _tree(x: list[float]) -> float:
+    """The fixed tree of specs/methods.md section 3 in plain Python floats: pad with +0.0
+    to a power of two, add the second half onto the first until one value is left."""
+    size = 1
+    while size < len(x):
+        size *= 2
+    v = list(x) + [0.0] * (size - len(x))
+    while len(v) > 1:
+        h = len(v) // 2
+        v = [v[k] + v[k + h] for k in range(h)]
+    return v[0] if v else 0.0
+
+
+@pytest.mark.parametrize("block", [4, 64, 1 << 14])
+def test_statistics_equal_an_independent_float64_reference(tmp_path: Path, monkeypatch,
+                                                           block: int) -> None:
+    """bfloat16 and float16 full models and a float32 delta against a bfloat16 base, the
+    kernel's leaf block shrunk so the tree over blocks runs: every per-tensor and
+    whole-model sum equals Python floats in the specified order."""
+    from crdt_merge.resolve import outliers
+
+    monkeypatch.setattr(outliers, "PAIR_BLOCK", block)
+    gen = torch.Generator().manual_seed(3)
+    base = {n: torch.randn(s, generator=gen).to(torch.bfloat16) for n, s in SHAPES.items()}
+    fulls = [{n: (t.double() + 0.05 * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+                  ).to(dtype) for n, t in base.items()}
+             for dtype in (torch.bfloat16, torch.float16)]
+    delta = {n: 0.05 * torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    r = Replica.create(tmp_path / "r", site="alpha", profile="test")
+    b = import_model(r.store, str(write_model(tmp_path / "base", base)), r.piece_size)
+    donors = [(import_model(r.store, str(write_model(tmp_path / f"f{i}", f)), r.piece_size).manifest,
+               "full") for i, f in enumerate(fulls)]
+    donors.append((import_model(r.store, str(write_model(tmp_path / "d", delta)),
+                                r.piece_size).manifest, "delta"))
+    got = task_vector_stats(r.store, b.manifest, donors)
+    vecs = [[(f[n].double() - base[n].double()).reshape(-1).tolist() for n in sorted(SHAPES)]
+            for f in fulls] + [[delta[n].double().reshape(-1).tolist() for n in sorted(SHAPES)]]
+    gram = [[0.0] * 3 for _ in range(3)]
+    for t, name in enumerate(sorted(SHAPES)):
+        for i in range(3):
+            for j in range(3):
+                want = _tree([x * y for x, y in zip(vecs[i][t], vecs[j][t], strict=True)])
+                assert got.tensors[name][i][j] == want, (name, i, j)
+                gram[i][j] = gram[i][j] + want
+    assert got.gram == gram
+    for i in range(3):
+        for j in range(3):
+            want = 0.0 if i == j else max((gram[i][i] + gram[j][j]) - 2.0 * gram[i][j], 0.0)
+            assert got.dist2[i][j] == want
+    r.close()
