@@ -59,7 +59,8 @@ def status(replica: Replica) -> dict[str, Any]:
 
 
 def gc(replica: Replica, grace: float = GC_GRACE) -> dict[str, int]:
-    """Delete objects referenced only by contributions their own site retracted, and
+    """Delete objects referenced only by contributions a binding retract by their own
+    member names (:func:`opset.self_retracted`: never live again), and
     objects no committed or verified staged op references at all (a PUT nobody's op
     named, an abandoned upload) once they are ``grace`` seconds old: the grace keeps
     the objects of a push whose ops are still on their way. ``deleted`` counts both,
@@ -72,13 +73,15 @@ def gc(replica: Replica, grace: float = GC_GRACE) -> dict[str, int]:
     store = replica.store
     held = replica.ops()
     ops = list(held.values())
-    retracts = opset.retracts_by_target(ops)
+    # only contributions never live again (formats.md 8): a retract that a later revoke
+    # could cancel leaves its target's objects in place
+    gone = opset.self_retracted(ops)
     keep: set[str] = set()
     dead: set[str] = set()
     for op in ops + replica.pending():
         refs = [m for m in op.objects() if store.has(m)]
         objects = set(replica.closure(refs))
-        if op.kind == "contribute" and op.id in held and opset.is_retracted(op, retracts):
+        if op.id in gone:
             dead |= objects
         else:
             if op.id in held and len(refs) < len(op.objects()):
@@ -107,10 +110,10 @@ def fsck(replica: Replica) -> dict[str, Any]:
     replica.recheck_ops()
     bad_ops = replica.quarantined_ops()
     ops = list(replica.ops().values())
-    retracts = opset.retracts_by_target(ops)
+    gone = opset.self_retracted(ops)
     incomplete = []
     for op in ops:
-        needed = replica.objects_needed(op, retracts)
+        needed = replica.objects_needed(op, gone)
         have = [m for m in needed if store.has(m)]
         if len(have) < len(needed) or store.missing(replica.closure(have)):
             incomplete.append(op.id)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,12 +277,14 @@ class Replica:
     def get_manifest(self, manifest_id: str) -> Manifest:
         return manifests.decode(self.store.get(manifest_id))
 
-    def objects_needed(self, op: Op, retracts: Mapping[str, list[Op]] | None = None) -> list[str]:
-        """The manifests ``op`` references (none for a contribute its own site retracted)."""
+    def objects_needed(self, op: Op, retracted: Collection[str] | None = None) -> list[str]:
+        """The manifests ``op`` references; none for a contribute in ``retracted`` (default:
+        :func:`~crdt_merge.crdt.opset.self_retracted` of the held ops), which a binding
+        retract by its own member names and which is therefore never live again."""
         if op.kind == "contribute":
-            if retracts is None:
-                retracts = opset.retracts_by_target(self.ops().values())
-            if opset.is_retracted(op, retracts):
+            if retracted is None:
+                retracted = opset.self_retracted(self.ops().values())
+            if op.id in retracted:
                 return []
         return op.objects()
 
@@ -427,10 +429,10 @@ class Replica:
                 changed = True
                 while changed:
                     changed = False
-                    retracts = opset.retracts_by_target([*held.values(), *ready.values()])
+                    retracted = opset.self_retracted([*held.values(), *ready.values()])
                     for op in list(ready.values()):
                         try:
-                            needed = self.objects_needed(op, retracts)
+                            needed = self.objects_needed(op, retracted)
                             ok = (all(r in held or r in ready for r in opmod.references(op))
                                   and not self.store.missing(needed)
                                   and not self.store.missing(self.closure(needed)))
@@ -444,10 +446,10 @@ class Replica:
                         if not ok:
                             del ready[op.id]
                             changed = True
-                retracts = opset.retracts_by_target([*held.values(), *ready.values()])
+                retracted = opset.self_retracted([*held.values(), *ready.values()])
                 for op in opset.topological(ready.values()):
                     try:
-                        objects = self.closure(self.objects_needed(op, retracts))
+                        objects = self.closure(self.objects_needed(op, retracted))
                         self.store.insert_op(op.id, op.kind, op.site, op.clock, op.data, objects)
                     except (IncompleteOp, PieceCorrupt, PieceMissing):
                         continue  # objects lost meanwhile: wanted again
@@ -591,9 +593,9 @@ class Replica:
         if not missing:
             return
         ops = self.ops().values()
-        retracts = opset.retracts_by_target(ops)
+        gone = opset.self_retracted(ops)
         retracted = sorted(op.id for op in ops if op.kind == "contribute"
-                           and op.body["manifest"] == anchor and opset.is_retracted(op, retracts))
+                           and op.body["manifest"] == anchor and op.id in gone)
         why = (f"it is the model of contribution {retracted[0]}, which its site retracted, so "
                "syncs do not fetch its pieces" if retracted else
                "this replica holds the manifest but not all its pieces")

@@ -16,12 +16,22 @@ member's ops in the causal past of the op that ended it count; its other ops cou
 whatever the arrival order. When an ended member's admit or revoke was counted although it
 is outside that causal past, the processing starts again without it (it can only end: every
 round excludes at least one more op). Every other op counts when its author's declaration
-counts and the author is live, or the op is in the causal past of the op that ended it.
+counts and the author is live, or the op is in the causal past of the op that ended it; a
+retract also counts when its own causal past holds no op ending its author (it is
+*binding*, :func:`binding_retracts`): a retract concurrent with its author's revoke.
 
 Retract rule (observed-remove): a retract names op ids. It takes effect on a target only when
 both count and the same member (membership op and site) made both; a retract of another
 member's op is held but has no effect. A retract that arrives before its target still
 removes it when the target arrives.
+
+Why binding retracts count: whether a contribution needs its objects must be decided by
+the set monotonically (a contribution that joined without them, or whose objects gc
+deleted, must never become live again). A binding retract by the contribution's own member
+makes it not live in every superset of the set (:func:`self_retracted`): the contribution
+counts only if its author's declaration counts, and then so does the retract. Were a
+concurrent revoke able to cancel the retract, any admin could later sign a revoke whose
+deps hide it and resurrect a contribution whose objects nobody kept (issue 13, left open).
 
 Recipe rule: a counted recipe supersedes every recipe in its causal past. The winner is the
 greatest ``(clock, op id)`` among the counted recipes no counted recipe supersedes; the
@@ -150,11 +160,56 @@ def _process(order: list[Op], excluded: set[str]) -> tuple[dict[Member, MemberIn
     return members, why, counted
 
 
+def _enders(ops: Iterable[Op]) -> dict[Member, set[str]]:
+    """Member -> the held ops that would end it: revokes naming it, admits replacing it
+    (counted or not: what matters is what an op's author had seen)."""
+    out: dict[Member, set[str]] = {}
+    for op in ops:
+        if op.kind == "revoke":
+            m = (op.body["revoke"]["member"], op.body["revoke"]["site"])
+        elif op.kind == "admit" and "replaces" in op.body:
+            m = (op.body["replaces"], op.body["admit"]["site"])
+        else:
+            continue
+        out.setdefault(m, set()).add(op.id)
+    return out
+
+
+def binding_retracts(ops: Iterable[Op], past: _Past | None = None) -> set[str]:
+    """The retracts whose causal past holds no op (revoke, or admit replacing it) that ends
+    their author. Whether a retract is binding depends only on its causal past, so it
+    never changes once the retract is held. The ops must be causally complete (held ops,
+    or held ops plus ops joining with them)."""
+    ops = as_set(ops)
+    enders = _enders(ops)
+    if past is None:
+        past = _Past({op.id: op for op in ops})
+    return {op.id for op in ops if op.kind == "retract"
+            and not (enders.get(op.author, set()) & past(op.id))}  # type: ignore[arg-type]
+
+
+def self_retracted(ops: Iterable[Op]) -> set[str]:
+    """The contribute ops of ``ops`` that a binding retract of ``ops`` by the same member
+    names. Monotone: such a contribution is not live in this set or in any set holding it,
+    so it needs no objects (it joins without them, gc may delete them)."""
+    ops = as_set(ops)
+    by_id = {op.id: op for op in ops}
+    out: set[str] = set()
+    for r in binding_retracts(ops):
+        retract = by_id[r]
+        for target in retract.body["targets"]:
+            t = by_id.get(target)
+            if t is not None and t.kind == "contribute" and t.author == retract.author:
+                out.add(target)
+    return out
+
+
 def membership(ops: Iterable[Op]) -> Membership:
     """The members and the ops that count (module docstring), a function of the set."""
     ops = as_set(ops)
     by_id = {op.id: op for op in ops}
     past = _Past(by_id)
+    binding = binding_retracts(ops, past)
     order = topological(op for op in ops if op.kind in ("genesis", "admit", "revoke"))
     excluded: set[str] = set()
     while True:
@@ -172,7 +227,8 @@ def membership(ops: Iterable[Op]) -> Membership:
         info = members.get(op.author)  # type: ignore[arg-type]
         if info is None:
             why[op.id] = "its author's membership does not count"
-        elif info.ended_by is not None and op.id not in past(info.ended_by):
+        elif (info.ended_by is not None and op.id not in past(info.ended_by)
+              and op.id not in binding):
             why[op.id] = (f"its author's key was {info.state} by op {info.ended_by}, "
                           "which had not seen it")
         else:

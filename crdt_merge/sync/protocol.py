@@ -162,16 +162,17 @@ def ops_to_fetch(local: Iterable[str], staged: Iterable[str], remote: Iterable[s
 
 
 def manifests_needed(ops: Iterable[Op], held_ops: Iterable[Op]) -> list[str]:
-    """Manifest ids that ``ops`` reference, skipping contributions their own member retracted
-    (such an op is accepted without its objects). ``ops`` must be verified: committed ops,
+    """Manifest ids that ``ops`` reference, skipping contributions a binding retract by their
+    own member names (:func:`opset.self_retracted`: never live again, accepted without
+    their objects). ``ops`` must be verified: committed ops,
     or staged ops that verify (:meth:`Replica.pending`); only they and ``held_ops`` decide,
     a staged op nobody could verify skips nothing. A retract has its target in its causal
     past, so it is never held before it: a retract verified together with it counts."""
     ops = list(ops)
-    retracts = opset.retracts_by_target(list(held_ops) + ops)
+    retracted = opset.self_retracted(list(held_ops) + ops)
     out: dict[str, None] = {}
     for op in ops:
-        if op.kind == "contribute" and opset.is_retracted(op, retracts):
+        if op.id in retracted:
             continue
         out.update(dict.fromkeys(op.objects()))
     return sorted(out)

@@ -22,10 +22,14 @@ and it also signs ops by hand and hands them to honest replicas: recipes with hu
 admits of honest sites' names with new keys (concurrent ones, hiding the real admit from
 their deps), retracts of other members' ops (by itself and by those impostor keys), junk
 (random bytes, flipped bits, ops naming deps no one has), and, after an honest admin
-revokes it at some step, more contributions and retracts with its revoked key.
+revokes it at some step, more contributions and retracts with its revoked key; it also
+retracts its own contributions, half the time with deps that hide everything after the
+target (the revoke included), then runs gc; honest sites run gc after half their retracts.
 
 Besides, on every honest replica: the same state root; every op any honest site
-authored, and every one of them counts; no byz op outside the revoke's causal past counts;
+authored, and every one of them counts; no byz op outside the revoke's causal past counts
+(but for its binding retracts, formats.md 8); fsck clean (no live contribution without
+its objects);
 no huge-clock op is held; none of byz's junk committed (ops that can never be valid, or
 that name deps no one has, may stay staged). The byz replica itself is not checked.
 
@@ -221,6 +225,8 @@ class Simulation:
         whose = "own" if r.get_op(target).site == site else "other's"
         self.author(site, f"retract {whose}", f"retract {whose} {target[:12]}",
                     lambda r: r.retract([target]).id)
+        if self.rng.random() < 0.5:  # collect what only retracted contributions use
+            self.note(f"{site} gc: {r.gc()}")
 
     def recipe(self) -> None:
         site = self.rng.choice(self.sites)
@@ -289,9 +295,12 @@ class Simulation:
     def byzantine(self) -> None:
         b = self.replicas["byz"]
         action = self.rng.choice(["huge clock", "same-name admit", "retract other's",
-                                  "impostor retract", "junk", "contribute", "recipe"])
+                                  "impostor retract", "junk", "contribute", "recipe",
+                                  "retract own"])
         contributions = sorted(op.id for op in b.ops().values()
                                if op.kind == "contribute" and op.site != "byz")
+        own = sorted(op.id for op in b.ops().values() if op.kind == "contribute"
+                     and op.author == (self.byz_member, "byz"))
         if action == "huge clock":
             base = self.byz_sign("recipe", method="linear", params={})
             body = dict(base.body, clock=self.rng.choice([2**63 - 1, 2**62, base.clock + 2]))
@@ -345,6 +354,15 @@ class Simulation:
                           "contribute")
         elif action == "recipe":
             self.byz_keep(self.byz_sign("recipe", method="linear", params={}), "recipe")
+        elif action == "retract own" and own:
+            target = b.get_op(self.rng.choice(own))
+            op = self.byz_sign("retract", targets=[target.id])
+            if self.rng.random() < 0.5:  # deps that hide everything after the target,
+                body = dict(op.body, deps=[target.id], clock=target.clock + 1)  # the revoke too
+                body.pop("sig")
+                op = opmod.sign(body, b.key)
+            self.byz_keep(op, "retract own")
+            self.note(f"byz gc: {b.gc()}")
         else:
             self.note(f"byz {action}: skipped, nothing to target")
 
@@ -477,12 +495,19 @@ class Simulation:
                 raise self.fail(f"{site}: honest ops do not count: {uncounted}")
             if self.revoke_id is not None:
                 past = causal_past(held, self.revoke_id)
+                # a retract byz signed without seeing the revoke is binding (formats.md 8)
                 late = sorted(i for i in self.byz_ops & set(held) if i not in past
                               and held[i].author == (self.byz_member, "byz")
-                              and i in state.counted)
+                              and i in state.counted
+                              and not (held[i].kind == "retract"
+                                       and self.revoke_id not in causal_past(held, i)))
                 if late:
                     raise self.fail(f"{site}: byz ops after its revoke count: {late}")
                 self.count("byz ops not counted") if site == "s0" else None
+        for site in self.sites:
+            report = self.replicas[site].fsck()
+            if not report["ok"]:  # e.g. a live contribution whose objects nobody kept
+                raise self.fail(f"{site} fsck: {report}")
         resolved = {}
         for site in self.sites:
             try:
