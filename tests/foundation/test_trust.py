@@ -449,7 +449,7 @@ def _lives_with_objects(replicas: list[Replica], contribution: str) -> set[bool]
     which it is live holds its manifest and every piece (fsck clean everywhere)."""
     out = set()
     for r in replicas:
-        report = r.fsck()
+        report = maintenance.fsck(r)
         assert report["ok"], (r.site, report)
         is_live = contribution in live(r)
         if is_live:
@@ -475,21 +475,21 @@ def test_a_retract_concurrent_with_its_authors_revoke_leaves_no_live_contributio
     revoke = alice.revoke("beta")
     r = beta.retract([c.id])
     assert revoke.id not in beta.ops() and r.id not in alice.ops()  # concurrent
-    assert beta.gc()["deleted"] > 0  # c's objects: only a retracted contribution used them
+    assert maintenance.gc(beta)["deleted"] > 0  # c's objects: only a retracted contribution used them
     if order == "revoke first":
         sync(carol, LocalPeer(alice))
         sync(carol, LocalPeer(beta))
     else:
         sync(carol, LocalPeer(beta))  # c and r join together, c without its objects
         assert not carol.store.has(c.body["manifest"])
-        carol.gc()
+        maintenance.gc(carol)
         sync(carol, LocalPeer(alice))
     for a, b in [(alice, carol), (beta, carol), (alice, beta)]:
         sync(a, LocalPeer(b))
     assert len({x.state_root() for x in trio}) == 1
     for x in trio:
-        x.gc(grace=0)
+        maintenance.gc(x, grace=0)
     assert _lives_with_objects(list(trio), c.id) == {False}  # the retract takes effect
     assert all(counts(x, r.id) for x in trio)
-    assert all(x.status()["members"] == alice.status()["members"] for x in trio)
+    assert all(x.members() == alice.members() for x in trio)
     assert {m["site"]: m["state"] for m in alice.members()}["beta"] == "revoked"

@@ -226,7 +226,7 @@ class Simulation:
         self.author(site, f"retract {whose}", f"retract {whose} {target[:12]}",
                     lambda r: r.retract([target]).id)
         if self.rng.random() < 0.5:  # collect what only retracted contributions use
-            self.note(f"{site} gc: {r.gc()}")
+            self.note(f"{site} gc: {maintenance.gc(r)}")
 
     def recipe(self) -> None:
         site = self.rng.choice(self.sites)
@@ -362,7 +362,7 @@ class Simulation:
                 body.pop("sig")
                 op = opmod.sign(body, b.key)
             self.byz_keep(op, "retract own")
-            self.note(f"byz gc: {b.gc()}")
+            self.note(f"byz gc: {maintenance.gc(b)}")
         else:
             self.note(f"byz {action}: skipped, nothing to target")
 
@@ -505,7 +505,7 @@ class Simulation:
                     raise self.fail(f"{site}: byz ops after its revoke count: {late}")
                 self.count("byz ops not counted") if site == "s0" else None
         for site in self.sites:
-            report = self.replicas[site].fsck()
+            report = maintenance.fsck(self.replicas[site])
             if not report["ok"]:  # e.g. a live contribution whose objects nobody kept
                 raise self.fail(f"{site} fsck: {report}")
         resolved = {}
