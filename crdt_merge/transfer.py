@@ -67,6 +67,10 @@ class TransferParams:
     mode: str = "direct"  # "direct": every matrix its own effect; "local": writers fit the sublayer change
     control: str = "none"  # "random": donor rows paired with shuffled anchor rows (a control)
     seed: int = 0  # for the random control only
+    #: fit the anchor's layers this many at a time (0: all at once). The result is the same;
+    #: the text is run once per chunk, and only one chunk's statistics are held in memory
+    #: (about 5 GB per layer at 7B width, in float64).
+    chunk_layers: int = 0
 
     def check(self) -> None:
         bad = [r for r in self.roles if r not in ROLE_MODULES]
@@ -78,8 +82,10 @@ class TransferParams:
                 raise BadParameter(f"transfer {name} must be a finite number >= 0")
         if self.ridge == 0 or self.align_ridge == 0:
             raise BadParameter("ridge and align_ridge must be > 0 (the systems can be singular)")
-        if self.top_k < 0 or self.window_chars < 16 or self.max_windows < 0:
-            raise BadParameter("top_k >= 0, window_chars >= 16, max_windows >= 0")
+        if (self.top_k < 0 or self.window_chars < 16 or self.max_windows < 0
+                or self.chunk_layers < 0):
+            raise BadParameter("top_k >= 0, window_chars >= 16, max_windows >= 0, "
+                               "chunk_layers >= 0")
         if self.mode not in ("local", "direct"):
             raise BadParameter("mode must be 'local' or 'direct'")
         if self.control not in ("none", "random"):
@@ -89,7 +95,8 @@ class TransferParams:
         return {"roles": list(self.roles), "ridge": repr(self.ridge),
                 "align_ridge": repr(self.align_ridge), "window_chars": self.window_chars,
                 "max_windows": self.max_windows, "top_k": self.top_k, "tau": repr(self.tau),
-                "mode": self.mode, "control": self.control, "seed": self.seed}
+                "mode": self.mode, "control": self.control, "seed": self.seed,
+                "chunk_layers": self.chunk_layers}
 
 
 @dataclass
@@ -275,9 +282,11 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
     fine-tune is run too, each of its sublayers on the base's input at that sublayer, and
     the anchor's writers (attention output, MLP down projection) are fitted to reproduce
     the change of the donor's sublayer outputs. With ``mode="direct"`` every chosen matrix
-    carries its own direct effect ``X_D (W'_D - W_D)^T`` (read from the weights)."""
-    import torch
+    carries its own direct effect ``X_D (W'_D - W_D)^T`` (read from the weights).
 
+    The anchor's layers are fitted ``params.chunk_layers`` at a time (each chunk runs the
+    text again, each forward pass stopping after the last layer the chunk reads); every
+    anchor matrix depends only on its own layer's statistics, so the result is the same."""
     params.check()
     for tok in (donor_tok, anchor_tok):
         if not getattr(tok, "is_fast", False):
@@ -291,26 +300,82 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
     if not roles:
         raise BadParameter("mode 'local' fits the writers (attn_o, mlp_down); none is chosen")
     rep, bucket = depth_map(len(d_layers), len(a_layers))
+    pieces = windows_of(text, params.window_chars)
+    if params.max_windows:
+        pieces = pieces[: params.max_windows]
+    models = (donor_base, donor, anchor, donor_tok, anchor_tok)
+    chunk = params.chunk_layers or len(a_layers)
+    deltas: dict[str, Any] = {}
+    stats: dict[str, dict[str, float]] = {}
+    positions = 0
+    total = len(a_layers)
+
+    def chunk_progress(done: int, width: int) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda i, n: progress(done * n + i * width, n * total)
+
+    for first in range(0, total, chunk):
+        layers = range(first, min(first + chunk, total))
+        positions = _fit(models, pieces, params, roles, rep, bucket, layers, deltas, stats,
+                         chunk_progress(first, len(layers)))
+    return TransferResult(deltas, bucket, positions, len(pieces), stats)
+
+
+class _Stop(Exception):
+    """Raised by a hook after the last decoder layer a chunk needs: the rest of the
+    forward pass (later layers, the final norm, the vocabulary projection) is skipped."""
+
+
+def _stop_after(layers: Any, index: int) -> Any:
+    def hook(*_: Any) -> None:
+        raise _Stop
+    return layers[index].register_forward_hook(hook)
+
+
+def _run(model: Any, stop_at: int, **inputs: Any) -> None:
+    handle = _stop_after(decoder_layers(model), stop_at)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+def _fit(models: tuple[Any, ...], pieces: Sequence[str], params: TransferParams,
+         roles: Sequence[str], rep: dict[int, int], bucket: dict[int, list[int]],
+         layers: range, deltas: dict[str, Any], stats: dict[str, dict[str, float]],
+         progress: Callable[[int, int], None] | None) -> int:
+    """Accumulate the statistics of the anchor ``layers`` over every window, solve them
+    into ``deltas`` and ``stats``; returns the number of matched positions."""
+    import torch
+
+    donor_base, donor, anchor, donor_tok, anchor_tok = models
+    d_layers, a_layers, f_layers = (decoder_layers(donor_base), decoder_layers(anchor),
+                                    decoder_layers(donor))
+    local = params.mode == "local"
     d_names = _native_names(donor_base, d_layers)
     a_names = _native_names(anchor, a_layers)
     d_base_w, d_ft_w, a_w = _weights(donor_base), _weights(donor), _weights(anchor)
-    task = {}
-    for key, name in d_names.items():
-        if d_ft_w[name].shape != d_base_w[name].shape:
-            raise ModelImportError(f"{name}: the donor's shape differs from its base's")
-        if key[1] in roles and not local:
-            task[key] = (d_ft_w[name].double() - d_base_w[name].double()).float()
     # which (layer, role) activations each model must give
     sources = {(layer, role): bucket[layer] if role in WRITERS else [rep[layer]]
-               for layer in range(len(a_layers)) for role in roles}
+               for layer in layers for role in roles}
     aligner = {role: ("mlp_down" if role in ("mlp_gate", "mlp_up") else role) for role in roles}
     donor_wanted: dict[int, set[str]] = {}
     for (layer, role), ms in sources.items():
         for m in ms + [rep[layer]]:
             donor_wanted.setdefault(m, set()).add(role)
         donor_wanted.setdefault(rep[layer], set()).add(aligner[role])
-    anchor_wanted = {layer: set(roles) | {aligner[r] for r in roles}
-                     for layer in range(len(a_layers))}
+    anchor_wanted = {layer: set(roles) | {aligner[r] for r in roles} for layer in layers}
+    task = {}
+    for (m, role) in sorted({(m, r) for (_, r), ms in sources.items() for m in ms}):
+        name = d_names[(m, role)]
+        if d_ft_w[name].shape != d_base_w[name].shape:
+            raise ModelImportError(f"{name}: the donor's shape differs from its base's")
+        if not local:
+            task[(m, role)] = (d_ft_w[name].double() - d_base_w[name].double()).float()
+    d_last, a_last = max(donor_wanted), max(layers)
 
     gram_a: dict[tuple[int, str], Any] = {}
     cross: dict[tuple[int, str], Any] = {}
@@ -324,12 +389,9 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
         else:
             store[key] = value.double()
 
-    pieces = windows_of(text, params.window_chars)
-    if params.max_windows:
-        pieces = pieces[: params.max_windows]
     gen = torch.Generator().manual_seed(params.seed)
     d_cap, a_cap = _Capture(d_layers, donor_wanted), _Capture(a_layers, anchor_wanted)
-    f_cap = _Capture(f_layers, {m: set(WRITERS) for m in range(len(f_layers))}) if local else None
+    f_cap = _Capture(f_layers, {m: set(WRITERS) for m in donor_wanted}) if local else None
     record = _Patch(d_layers, None) if local else None
     positions = 0
     try:
@@ -349,12 +411,13 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
                     f_cap.rows = d_rows
                 d_args = {"input_ids": d_enc["input_ids"],
                           "attention_mask": d_enc["attention_mask"]}
-                donor_base(**d_args)
-                anchor(input_ids=a_enc["input_ids"], attention_mask=a_enc["attention_mask"])
+                _run(donor_base, d_last, **d_args)
+                _run(anchor, a_last, input_ids=a_enc["input_ids"],
+                     attention_mask=a_enc["attention_mask"])
                 if local:
                     replay = _Patch(f_layers, record.seen)
                     try:
-                        donor(**d_args)
+                        _run(donor, d_last, **d_args)
                     finally:
                         replay.close()
                 positions += len(d_rows)
@@ -398,8 +461,6 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
         raise BadParameter("the calibration text gave no position where both tokenizers end "
                            "a word; give more (or plainer) text")
 
-    deltas: dict[str, Any] = {}
-    stats: dict[str, dict[str, float]] = {}
     solved: dict[tuple[Any, ...], Any] = {}
     for (layer, role) in sources:
         key = (layer, role)
@@ -424,7 +485,7 @@ def transfer(donor_base: Any, donor: Any, anchor: Any, donor_tok: Any, anchor_to
         deltas[name] = update.to(torch.float32).contiguous()
         stats[name] = {"raw_norm": raw, "norm": float(update.norm()),
                        "anchor_norm": float(w_a.norm())}
-    return TransferResult(deltas, bucket, positions, len(pieces), stats)
+    return positions
 
 
 def _ridge_solve(gram: Any, rhs: Any, ridge: float) -> Any:

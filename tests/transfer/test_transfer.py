@@ -184,6 +184,31 @@ def test_across_families_the_update_has_the_anchors_shapes():
         assert float(delta.norm()) > 0
 
 
+@pytest.mark.parametrize("extra", [{}, {"mode": "local"}, {"control": "random"}],
+                         ids=["direct", "local", "random"])
+def test_chunked_layers_give_the_same_update_and_skip_the_rest_of_the_pass(extra):
+    donor_base = build("llama", seed=0, num_hidden_layers=5).eval()
+    donor = fine_tuned(donor_base)
+    anchor = build("gemma3", seed=5, num_hidden_layers=3,
+                   layer_types=["full_attention"] * 3).eval()
+    heads = []  # the vocabulary projection never runs: each pass stops after its last layer
+    for model in (donor_base, donor, anchor):
+        heads.append(model.lm_head.register_forward_hook(lambda *_: heads.append("ran")))
+    args = (donor_base, donor, anchor, char_tokenizer(), pair_tokenizer(), calibration(200))
+    params = dict(window_chars=60, **extra)
+    whole = tr.transfer(*args, tr.TransferParams(**params))
+    seen = []
+    chunked = tr.transfer(*args, tr.TransferParams(**params, chunk_layers=2),
+                          progress=lambda i, n: seen.append((i, n)))
+    assert "ran" not in heads
+    assert sorted(whole.deltas) == sorted(chunked.deltas) and whole.deltas
+    for name, delta in whole.deltas.items():
+        assert torch.equal(delta, chunked.deltas[name]), name
+    assert whole.positions == chunked.positions > 0
+    # progress runs once to the end, never backwards
+    assert seen[-1][0] == seen[-1][1] and [i for i, _ in seen] == sorted(i for i, _ in seen)
+
+
 def test_matched_positions_are_the_word_ends_both_tokenizations_end():
     text = "ab cd-ef 12x"
     # donor: one token per character; anchor: "ab", " ", "cd", "-", "ef", " ", "12", "x"
