@@ -8,7 +8,7 @@ it arrives, and stores it only when it is whole, within the size cap and equal t
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -17,7 +17,7 @@ from crdt_merge.errors import PieceMissing
 from crdt_merge.sync import wire
 from crdt_merge_server.auth import CONTRIBUTE, READ
 from crdt_merge_server.bodies import body_chunks, declared_length, read_body, reply, wants_json
-from crdt_merge_server.routes import MSGPACK_BODY, etag_matches, service_of
+from crdt_merge_server.routes import MSGPACK_BODY, answer_ids, etag_matches, service_of
 
 router = APIRouter(tags=["pieces"])
 
@@ -60,14 +60,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | Literal[False] | No
              summary="Which of these objects this replica lacks (body {ids: [id]})",
              dependencies=[READ])
 async def missing(request: Request) -> Response:
-    service = service_of(request)
-    body = await read_body(request, service.settings.max_message_bytes)
-
-    def lacking() -> dict[str, Any]:
-        ids = wire.id_list(wire.decode_map(body, {"ids": list})["ids"], "object id")
-        return {"missing": sorted(service.replica.store.missing(ids))}
-
-    return reply(request, await run_in_threadpool(lacking))
+    return await answer_ids(request, "object id", lambda service, ids: {
+        "missing": sorted(service.replica.store.missing(ids))})
 
 
 @router.get("/v1/pieces/{object_id}", summary="An object's bytes (Range requests allowed)",

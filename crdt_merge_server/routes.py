@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -24,6 +25,24 @@ MSGPACK_BODY: dict[str, Any] = {
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
+
+
+async def message(request: Request) -> tuple[Service, bytes]:
+    """The service and the whole request body, a sync message (``max_message_bytes``)."""
+    service = service_of(request)
+    return service, await read_body(request, service.settings.max_message_bytes)
+
+
+async def answer_ids(request: Request, what: str,
+                     answer: Callable[[Service, list[str]], dict[str, Any]]) -> Response:
+    """Answer a request whose body is ``{ids: [id]}`` (each a ``what``), decoded and
+    answered off the event loop."""
+    service, body = await message(request)
+
+    def run() -> dict[str, Any]:
+        return answer(service, wire.id_list(wire.decode_map(body, {"ids": list})["ids"], what))
+
+    return reply(request, await run_in_threadpool(run))
 
 
 def etag_matches(header: str | None, tag: str) -> bool:
@@ -67,8 +86,7 @@ def list_ops(request: Request) -> Response:
              summary="One round of range-based set reconciliation of op ids",
              dependencies=[READ])
 async def reconcile_ops(request: Request) -> Response:
-    service = service_of(request)
-    body = await read_body(request, service.settings.max_message_bytes)
+    service, body = await message(request)
 
     def answer() -> bytes:
         return reconcile.respond(service.id_index(), body)
@@ -80,14 +98,8 @@ async def reconcile_ops(request: Request) -> Response:
              summary="The bytes of the ops named (body {ids: [op id]})",
              dependencies=[READ])
 async def fetch_ops(request: Request) -> Response:
-    service = service_of(request)
-    body = await read_body(request, service.settings.max_message_bytes)
-
-    def fetch() -> dict[str, Any]:
-        ids = wire.id_list(wire.decode_map(body, {"ids": list})["ids"], "op id")
-        return {"ops": service.replica.serve_ops(ids)}
-
-    return reply(request, await run_in_threadpool(fetch))
+    return await answer_ids(request, "op id",
+                            lambda service, ids: {"ops": service.replica.serve_ops(ids)})
 
 
 @router.post("/v1/ops", tags=["ops"], openapi_extra=MSGPACK_BODY,
@@ -99,8 +111,7 @@ async def push_ops(request: Request) -> Response:
     membership op and objects are held is committed. Ops whose signature does not verify
     are refused (``rejected``) and not kept; ops still lacking objects stay staged
     (``waiting``) until the objects arrive. Pushing an op twice changes nothing."""
-    service = service_of(request)
-    body = await read_body(request, service.settings.max_message_bytes)
+    service, body = await message(request)
 
     def apply() -> dict[str, Any]:
         raw = wire.decode_map(body, {"ops": list})["ops"]

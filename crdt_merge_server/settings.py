@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,11 @@ def _flag(raw: str) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+#: how a setting's environment variable is read, by the field's declared type
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str, "int": int, "float": float, "bool": _flag, "Path | None": Path}
 
 
 def _read_text(path: str | os.PathLike[str], what: str) -> str:
@@ -188,49 +193,12 @@ class Settings:
             peer_token = _read_text(peer_token_file, "peer token file").strip() or None
         peers = pick("peers", "CRDT_MERGE_PEERS", (),
                      lambda raw: tuple(p for p in re.split(r"[\s,]+", raw) if p))
-        settings = cls(
-            host=pick("host", "CRDT_MERGE_HOST", cls.host),
-            port=pick("port", "CRDT_MERGE_PORT", cls.port, int),
-            tokens=tuple(tokens),
-            peers=tuple(p.rstrip("/") for p in peers),
-            peer_token=peer_token,
-            sync_interval=pick("sync_interval", "CRDT_MERGE_SYNC_INTERVAL", cls.sync_interval,
-                               float),
-            max_object_bytes=pick("max_object_bytes", "CRDT_MERGE_MAX_OBJECT_BYTES",
-                                  cls.max_object_bytes, int),
-            max_message_bytes=pick("max_message_bytes", "CRDT_MERGE_MAX_MESSAGE_BYTES",
-                                   cls.max_message_bytes, int),
-            transfer_workers=pick("transfer_workers", "CRDT_MERGE_TRANSFER_WORKERS",
-                                  cls.transfer_workers, int),
-            checkpoint_dir=pick("checkpoint_dir", "CRDT_MERGE_CHECKPOINT_DIR", None, Path),
-            header_timeout=pick("header_timeout", "CRDT_MERGE_HEADER_TIMEOUT",
-                                cls.header_timeout, float),
-            body_timeout=pick("body_timeout", "CRDT_MERGE_BODY_TIMEOUT", cls.body_timeout,
-                              float),
-            min_body_rate=pick("min_body_rate", "CRDT_MERGE_MIN_BODY_RATE", cls.min_body_rate,
-                               int),
-            max_header_bytes=pick("max_header_bytes", "CRDT_MERGE_MAX_HEADER_BYTES",
-                                  cls.max_header_bytes, int),
-            max_headers=pick("max_headers", "CRDT_MERGE_MAX_HEADERS", cls.max_headers, int),
-            max_staged_ops=pick("max_staged_ops", "CRDT_MERGE_MAX_STAGED_OPS",
-                                cls.max_staged_ops, int),
-            max_staged_bytes=pick("max_staged_bytes", "CRDT_MERGE_MAX_STAGED_BYTES",
-                                  cls.max_staged_bytes, int),
-            max_staged_age=pick("max_staged_age", "CRDT_MERGE_MAX_STAGED_AGE",
-                                cls.max_staged_age, float),
-            keep_checkpoints=pick("keep_checkpoints", "CRDT_MERGE_KEEP_CHECKPOINTS",
-                                  cls.keep_checkpoints, int),
-            tls_cert=pick("tls_cert", "CRDT_MERGE_TLS_CERT", None, Path),
-            tls_key=pick("tls_key", "CRDT_MERGE_TLS_KEY", None, Path),
-            peer_ca=pick("peer_ca", "CRDT_MERGE_PEER_CA", None, Path),
-            log_format=pick("log_format", "CRDT_MERGE_LOG_FORMAT", cls.log_format),
-            metrics_scope=pick("metrics_scope", "CRDT_MERGE_METRICS_SCOPE", cls.metrics_scope),
-            push=pick("push", "CRDT_MERGE_PUSH", cls.push, _flag),
-            notice_interval=pick("notice_interval", "CRDT_MERGE_NOTICE_INTERVAL",
-                                 cls.notice_interval, float),
-            watch_interval=pick("watch_interval", "CRDT_MERGE_WATCH_INTERVAL",
-                                cls.watch_interval, float),
-        )
+        # every other field: its CRDT_MERGE_ variable, parsed by the field's type
+        values = {f.name: pick(f.name, f"CRDT_MERGE_{f.name.upper()}", f.default,
+                               _PARSERS[str(f.type)])
+                  for f in fields(cls) if f.name not in ("tokens", "peers", "peer_token")}
+        settings = cls(tokens=tuple(tokens), peers=tuple(p.rstrip("/") for p in peers),
+                       peer_token=peer_token, **values)
         if given:
             raise BadParameter(f"unknown settings: {sorted(given)}")
         for peer in settings.peers:
