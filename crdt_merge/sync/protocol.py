@@ -185,16 +185,17 @@ def ops_to_send(local: Iterable[str], remote: Iterable[str]) -> list[str]:
 # -- drivers ---------------------------------------------------------------------------------
 
 
-def _check_project(replica: Replica, state: PeerState) -> None:
-    if state.genesis != replica.genesis_id:
-        raise WrongProject(replica.genesis_id, state.genesis)
-
-
 def _state(replica: Replica, peer: Peer) -> PeerState:
-    """The peer's state; one conditional request when the transport offers it."""
+    """The peer's state; one conditional request when the transport offers it.
+
+    Raises:
+        WrongProject: the peer replicates another project.
+    """
     state = peer.state_unless(replica.state_root())
     if state is None:  # same state root, hence the same genesis and op set
         return PeerState(replica.genesis_id, replica.state_root(), len(replica.ops()))
+    if state.genesis != replica.genesis_id:
+        raise WrongProject(replica.genesis_id, state.genesis)
     return state
 
 
@@ -245,9 +246,7 @@ def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: Sync
 
 def pull(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats:
     """Bring into ``replica`` every op ``peer`` holds, with the objects they need."""
-    state = _state(replica, peer)
-    _check_project(replica, state)
-    return _pull(replica, peer, state, _Difference(replica, peer), progress)
+    return _pull(replica, peer, _state(replica, peer), _Difference(replica, peer), progress)
 
 
 def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Difference,
@@ -283,9 +282,7 @@ def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Differenc
 
 def push(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats:
     """Send ``peer`` every op ``replica`` holds that it lacks: objects first, then ops."""
-    state = _state(replica, peer)
-    _check_project(replica, state)
-    return _push(replica, peer, state, _Difference(replica, peer), progress)
+    return _push(replica, peer, _state(replica, peer), _Difference(replica, peer), progress)
 
 
 def _push(replica: Replica, peer: Peer, state: PeerState, difference: _Difference,
@@ -321,7 +318,6 @@ def sync(replica: Replica, peer: Peer, progress: Progress = _quiet) -> SyncStats
     either root: op sets only grow, so this ends.
     """
     state = _state(replica, peer)
-    _check_project(replica, state)
     stats = SyncStats()
     while True:
         before = (replica.state_root(), state.state_root)
