@@ -500,7 +500,14 @@ class Replica:
     def _author(self, kind: str, fields: Mapping[str, Any], draft: bool = False) -> Op:
         op = opmod.sign(self.new_body(kind, **fields), self.key)
         if not draft:
-            self.apply(op.data)
+            try:
+                self.apply(op.data)
+            except BaseException:
+                # not in the set (Ctrl-C before its commit, a failure): not left staged
+                # either, where the next command would commit it as a side effect
+                if op.id not in self.ops():
+                    self.store.unstage_op(op.id)
+                raise
         return op
 
     def admit(self, site: str, public_key: bytes, role: str = "member") -> Op:

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from crdt_merge import testpoints
 from crdt_merge.cli import commands, folder, ops_export, progress
 from crdt_merge.cli import transfer as transfer_cli
 from crdt_merge.errors import CrdtMergeError
@@ -299,6 +300,11 @@ def run() -> None:
     """The ``crdt-merge`` console script: :func:`main`, then exit. An interrupted run
     exits at once, without waiting for worker threads still finishing a tensor (what is
     on disk is consistent: ops and objects are written atomically)."""
+    try:
+        testpoints.arm(os.environ.get(testpoints.ENV))
+    except ValueError as exc:
+        print(f"crdt-merge: {exc}", file=sys.stderr)
+        sys.exit(2)
     code = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late Ctrl-C changes nothing now
     if code in (130, 141):

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from crdt_merge import testpoints
 from crdt_merge.dtypes import FLOATS
 from crdt_merge.errors import ShapeMismatch
 from crdt_merge.hashing import digest, serial
@@ -269,7 +270,13 @@ def run_jobs(jobs: Sequence[OutputJob], workers: int | None = None, runner: Runn
         torch.set_num_threads(1)  # worker threads take it up too: one torch thread per job
     try:
         if workers <= 1 or len(jobs) <= 1:
-            return dict((runner or run_job)(j) for j in order)
+            results = {}
+            for job in order:
+                name, pieces = (runner or run_job)(job)
+                results[name] = pieces
+                if len(results) < len(order):
+                    testpoints.pause("resolve.job")
+            return results
         if processes:
             with ProcessPoolExecutor(workers,
                                      mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -319,6 +326,8 @@ def _schedule(pool: Executor, runner: Runner, order: list[OutputJob],
                 del running[future]
                 name, pieces = future.result()
                 results[name] = pieces
+                if queue or running:
+                    testpoints.pause("resolve.job")
     finally:
         for future in running:
             future.cancel()

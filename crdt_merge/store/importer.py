@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from crdt_merge import testpoints
 from crdt_merge.errors import ModelImportError, PieceMissing
 from crdt_merge.hashing import ManifestId
 from crdt_merge.store.finite import FLOAT_DTYPES, finite_known, has_nonfinite, remember_finite
@@ -115,6 +116,8 @@ def _put_pieces(store: LocalStore, pieces: list[memoryview],
         ids.extend(batch_ids)
         flags.extend(batch_flags)
         new += n_new
+        if i + _BATCH < len(pieces):
+            testpoints.pause("import.batch")
     return ids, new, flags
 
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from crdt_merge import testpoints
 from crdt_merge.errors import HashMismatch, PieceCorrupt, PieceMissing, ShapeMismatch
 from crdt_merge.hashing import Hasher, PieceId, check_id, digest, is_id
 
@@ -36,9 +37,11 @@ PART_MAX_AGE = 24 * 3600.0
 
 def crashpoint(name: str) -> None:
     """Fault injection for crash tests: SIGKILL this process at the step named by the
-    ``CRDT_MERGE_CRASH_AT`` environment variable. Does nothing when it is unset."""
+    ``CRDT_MERGE_CRASH_AT`` environment variable. Does nothing when it is unset. Each
+    crash point is also a pause point of the CLI's interrupt tests (:mod:`crdt_merge.testpoints`)."""
     if os.environ.get("CRDT_MERGE_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    testpoints.pause(name)
 
 
 def fsync_dir(path: Path) -> None:

@@ -262,15 +262,20 @@ class HttpPeer(Peer):
         with ThreadPoolExecutor(max_workers=min(self.workers, max(1, total)),
                                 thread_name_prefix="crdt-merge-transfer") as pool:
             futures = [pool.submit(work, i) for i in ids]
-            for future in futures:
-                try:
-                    n = future.result()
-                except (CrdtMergeError, OSError) as exc:
-                    errors.append(exc)
-                    continue
-                done += 1
-                nbytes += n
-                progress(done, total)
+            try:
+                for future in futures:
+                    try:
+                        n = future.result()
+                    except (CrdtMergeError, OSError) as exc:
+                        errors.append(exc)
+                        continue
+                    done += 1
+                    nbytes += n
+                    progress(done, total)
+            except BaseException:  # Ctrl-C: the transfers not yet started never start
+                for future in futures:
+                    future.cancel()
+                raise
         if errors:
             raise errors[0]
         return done, nbytes

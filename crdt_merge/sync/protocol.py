@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from crdt_merge import testpoints
 from crdt_merge.crdt import ops as opmod
 from crdt_merge.crdt import opset
 from crdt_merge.crdt.ops import Op
@@ -237,9 +238,12 @@ def _fetch_objects(replica: Replica, peer: Peer, ids: Sequence[str], stats: Sync
         wanted = [o for o in wanted if o not in lacking]
     if wanted:
         limits = {o: (sizes or {}).get(o, MAX_OBJECT_BYTES) for o in wanted}
-        count, nbytes = peer.fetch_objects(replica.store, wanted,
-                                           lambda done, total: progress(stage, done, total),
-                                           limits)
+        def fetched(done: int, total: int) -> None:
+            progress(stage, done, total)
+            if done < total:
+                testpoints.pause(f"sync.{stage}")
+
+        count, nbytes = peer.fetch_objects(replica.store, wanted, fetched, limits)
         stats.objects_received += count
         stats.bytes_received += nbytes
 
