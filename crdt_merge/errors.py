@@ -383,7 +383,7 @@ class PeerUnreachable(TransportError, ConnectionError):
 # -- the code table -----------------------------------------------------------------------------
 
 #: code -> error class: every error of the tree above, written out (a new error class is
-#: added here; tests/foundation/test_errors.py checks that none is missing)
+#: added here; tests/foundation/test_tables.py checks that none is missing)
 CODES: dict[str, type[CrdtMergeError]] = {cls.code: cls for cls in (
     CrdtMergeError,
     FormatError, NonCanonicalEncoding, SchemaError, BadId, AmbiguousId,

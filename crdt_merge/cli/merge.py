@@ -114,7 +114,7 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
             text.append("the tokenizer files were left out (--no-copy-tokenizer); the "
                         "checkpoint id covers the folder with them")
         return 0, {"checkpoint_id": checkpoint, "plan_id": the_plan.id, "out": str(out),
-                   "replica": str(r.store.root) if hasattr(r.store, "root") else None,
+                   "replica": str(r.path),
                    "reused": reused, "notes": notes, "excluded": excluded,
                    "decisions": [dict(d) for d in the_plan.decisions],
                    "text": "\n".join(text)}

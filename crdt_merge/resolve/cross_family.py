@@ -467,6 +467,7 @@ class _CrossFamily:
     name: str = NAME
     same_shapes: bool = False  # donors of other families have other names and shapes
     processes: bool = True  # each worker its own torch and LAPACK state
+    adapters: bool = False  # the plan excludes adapter contributions by name
 
     @property
     def run_job(self) -> Any:

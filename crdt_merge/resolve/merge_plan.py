@@ -423,7 +423,7 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
         if c.form == "adapter":  # its table is checked against the base instead of shapes
             problem = _adapter_problem(donor, base_manifest,
-                                       whole is not None and not getattr(whole, "adapters", False),
+                                       whole is not None and not whole.adapters,
                                        slices is not None)
             if problem:
                 decisions.append({"decision": "excluded", "op_id": c.op_id,
@@ -574,7 +574,7 @@ class WholeModel(Protocol):
             jobs of its own.
         processes: run :attr:`run_job` in worker processes (each with its own torch and
             LAPACK state) rather than threads.
-        adapters (optional, default False): the method takes adapter contributions (it
+        adapters: the method takes adapter contributions (it
             reads their task vectors through :mod:`crdt_merge.resolve.outliers` and runs
             the per-tensor path, which materialises them: krum, multi_krum).
     """
@@ -582,6 +582,7 @@ class WholeModel(Protocol):
     name: str
     same_shapes: bool
     processes: bool
+    adapters: bool
 
     @property
     def run_job(self) -> Callable[[Any], tuple[str, list[str]]] | None: ...
