@@ -466,7 +466,9 @@ def cmd_resolve(args: Any) -> tuple[int, Any]:
             from crdt_merge.formats.gguf import export_gguf
             target = Path(args.gguf_file or f"{Path(result.out)}.gguf")
             with progress.meter("gguf", None, "wchar"):
-                payload["gguf"] = export_gguf(Path(result.out), target, args.gguf_type)
+                payload["gguf"] = export_gguf(
+                    Path(result.out), target, args.gguf_type,
+                    tokenizer=not getattr(args, "gguf_no_tokenizer", False))
             payload["text_gguf"] = f"gguf {target} ({args.gguf_type}) blake3 {payload['gguf']['blake3']}"
         payload["text"] = (f"checkpoint {result.checkpoint_id}\nplan {result.plan_id}\n"
                            f"state root {result.state_root}\nwritten to {result.out}"

@@ -161,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="the GGUF tensor type (default f16; 1-D tensors stay f32)")
     c.add_argument("--gguf-file", metavar="PATH", help="where the GGUF goes (default: OUT.gguf, "
                                                         "beside the folder)")
+    c.add_argument("--gguf-no-tokenizer", action="store_true",
+                   help="write the GGUF without tokenizer metadata, on purpose (llama.cpp cannot "
+                        "run it); without this flag a tokenizer the export cannot write is refused")
 
     c = cmd("verify", "check that replicas hold the same state and checkpoint")
     replica_dir(c)

@@ -5,12 +5,16 @@ the GGUF rules (the ``gguf`` package's reference dequantisers), named back to it
 Face name, the q/k permutation llama.cpp applies to Llama undone, Gemma's stored norm
 offset (``w + 1``) taken off, and a config.json rebuilt from the GGUF metadata; the
 tokenizer is rebuilt by transformers' GGUF tokenizer conversion when transformers is
-installed. The result is an ordinary model folder, imported like any other; its manifest's
+installed, and the GGUF's own vocabulary kept beside it (a SentencePiece one as
+tokenizer.model; :mod:`crdt_merge.formats.gguf_vocab`). The result is an ordinary model
+folder, imported like any other; its manifest's
 ``meta`` says ``dequantized_from`` (the GGUF tensor types), and the model card repeats it.
 
 Out (:func:`write_gguf`): a resolved model folder (config.json, safetensors, tokenizer
 files) written as one GGUF file of type ``f32``, ``f16``, ``bf16`` or ``q8_0`` (the names
-and the permutation forward, tokenizer metadata from tokenizer.json). Tensors are added in
+and the permutation forward, tokenizer metadata as llama.cpp's converter writes them from
+tokenizer.model or a byte-level tokenizer.json; any other tokenizer, or none, refused
+unless ``tokenizer=False``). Tensors are added in
 a fixed order and every value is a function of the folder's bytes, so the same checkpoint
 gives the same GGUF bytes (specs/formats.md, "GGUF").
 """
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from crdt_merge.errors import ModelImportError
+from crdt_merge.formats.gguf_vocab import keep_gguf_tokenizer, tokenizer_metadata
 
 FAMILIES = ("llama", "qwen2", "gemma3")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -150,12 +155,34 @@ def _config(arch: str, meta: Mapping[str, Any], names: set[str], vocab: int) -> 
     if arch == "qwen2":
         config["attention_bias"] = True
     if arch == "gemma3":
-        config["query_pre_attn_scalar"] = head_dim
+        config["query_pre_attn_scalar"] = _query_pre_attn_scalar(get("attention.scale"), config)
         window = get("attention.sliding_window")
         if window is not None:
             config["sliding_window"] = int(window)
         config["hidden_activation"] = "gelu_pytorch_tanh"
     return config
+
+
+def _llama_cpp_scalar(config: Mapping[str, Any]) -> int:
+    """The query scaling llama.cpp derives for a gemma3 GGUF (it reads no key for it):
+    ``hidden / heads`` for the 62-layer 27B model, else ``head_dim``."""
+    if int(config["num_hidden_layers"]) == 62:
+        return int(config["hidden_size"]) // int(config["num_attention_heads"])
+    return int(config["head_dim"])
+
+
+def _query_pre_attn_scalar(scale: Any, config: Mapping[str, Any]) -> int | float:
+    """Gemma 3's ``query_pre_attn_scalar`` from a GGUF: ``1 / scale**2`` when the file has
+    ``gemma3.attention.scale`` (the attention multiplier, ``1/sqrt(query_pre_attn_scalar)``;
+    an integer when it is one within float32's precision), else what llama.cpp derives."""
+    if scale is None:
+        return _llama_cpp_scalar(config)
+    scale = float(scale)
+    if not scale > 0 or scale == float("inf"):
+        raise ModelImportError(f"gemma3.attention.scale {scale!r} is not a positive number")
+    value = 1.0 / (scale * scale)
+    nearest = round(value)
+    return nearest if nearest > 0 and abs(value - nearest) <= 1e-5 * nearest else value
 
 
 def gguf_to_folder(path: Path, out: Path) -> dict[str, Any]:
@@ -213,12 +240,15 @@ def gguf_to_folder(path: Path, out: Path) -> dict[str, Any]:
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer = _tokenizer_files(path, out)
-    return {"architecture": arch, "dequantized_from": sorted(types), "tokenizer": tokenizer}
+    kept = keep_gguf_tokenizer(reader, out)
+    return {"architecture": arch, "dequantized_from": sorted(types),
+            "tokenizer": tokenizer or kept}
 
 
 def _tokenizer_files(path: Path, out: Path) -> bool:
     """The tokenizer as transformers rebuilds it from the GGUF metadata (saved into
-    ``out``); False when transformers is missing or the GGUF has no tokenizer."""
+    ``out``); False when transformers is missing or the GGUF has no tokenizer. The GGUF's
+    own vocabulary is kept beside it (:func:`crdt_merge.formats.gguf_vocab.keep_gguf_tokenizer`)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -270,11 +300,15 @@ def _encode(gguf: Any, values: np.ndarray, qtype: Any) -> np.ndarray:
     return gguf.quants.quantize(values, qtype)
 
 
-def write_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
-    """Write the model folder as a GGUF file (see the module docstring).
+def write_gguf(folder: Path, out: Path, kind: str = "f16", *,
+               tokenizer: bool = True) -> dict[str, Any]:
+    """Write the model folder as a GGUF file (see the module docstring); with
+    ``tokenizer=False``, on purpose without tokenizer metadata.
 
     Raises:
-        PlanError: an unsupported family or export type, or a tensor without a GGUF name.
+        PlanError: an unsupported family or export type, a tensor without a GGUF name, a
+            tokenizer the export cannot describe (or none, unless ``tokenizer=False``), a
+            gemma3 ``query_pre_attn_scalar`` llama.cpp would not use.
     """
     from crdt_merge.errors import PlanError
 
@@ -286,6 +320,17 @@ def write_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
     if arch is None:
         raise PlanError(f"GGUF export supports {', '.join(FAMILIES)}; this model is "
                         f"{config.get('model_type')!r}")
+    if arch == "gemma3":
+        scalar = config.get("query_pre_attn_scalar")
+        derived = _llama_cpp_scalar({**config, "head_dim": config.get("head_dim")
+                                     or int(config["hidden_size"]) // int(config["num_attention_heads"])})
+        if scalar is not None and scalar != derived:
+            raise PlanError(f"gemma3 query_pre_attn_scalar {scalar}: llama.cpp and transformers "
+                            f"read no GGUF key for it and would run this model with {derived}; "
+                            "GGUF export refuses rather than write a file they run wrongly")
+    if tokenizer:
+        from crdt_merge.formats.gguf_vocab import describe_tokenizer
+        describe_tokenizer(folder, arch)  # refuse before any work
     from safetensors.numpy import load_file
 
     tensors: dict[str, np.ndarray] = {}
@@ -320,7 +365,7 @@ def write_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
-    tokenizer = _write_tokenizer(gguf, writer, folder, config)
+    written = tokenizer_metadata(writer, folder, arch, config) if tokenizer else "none"
     types: dict[str, str] = {}
     for name in sorted(tensors, key=lambda n: (gguf_name(arch, n) or "", n)):
         target = gguf_name(arch, name)
@@ -343,47 +388,8 @@ def write_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"architecture": arch, "type": kind, "tokenizer": tokenizer,
+    return {"architecture": arch, "type": kind, "tokenizer": written,
             "tensors": len(types)}
-
-
-def _write_tokenizer(gguf: Any, writer: Any, folder: Path, config: Mapping[str, Any]) -> str:
-    """Tokenizer metadata from tokenizer.json (a byte-level BPE: GPT-2 style, as Llama 3,
-    SmolLM2 and Qwen2 use), and the special token ids; ``"none"`` when the folder has no
-    tokenizer this can describe."""
-    path = folder / "tokenizer.json"
-    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                     ("pad_token_id", writer.add_pad_token_id)):
-        value = config.get(key)
-        if isinstance(value, int):
-            add(value)
-    if not path.is_file():
-        return "none"
-    data = json.loads(path.read_text())
-    model = data.get("model", {})
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        return "none"
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    size = max([*vocab.values(), *added.values()]) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
-    for text, i in vocab.items():
-        tokens[i], types[i] = text, gguf.TokenType.NORMAL
-    special = {t["content"] for t in data.get("added_tokens", []) if t.get("special")}
-    for text, i in added.items():
-        tokens[i] = text
-        types[i] = gguf.TokenType.CONTROL if text in special else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    template = folder / "chat_template.jinja"
-    if template.is_file():
-        writer.add_chat_template(template.read_text())
-    return "gpt2"
 
 
 def file_digest(path: Path) -> str:
@@ -397,7 +403,8 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
+def export_gguf(folder: Path, out: Path, kind: str = "f16", *,
+                tokenizer: bool = True) -> dict[str, Any]:
     """Write a resolved checkpoint folder as the GGUF file ``out`` (outside the folder:
     the checkpoint id covers every file of the folder, and the GGUF is another rendering
     of the same checkpoint) and record it in the folder's ``merge_manifest.json`` beside
@@ -412,7 +419,7 @@ def export_gguf(folder: Path, out: Path, kind: str = "f16") -> dict[str, Any]:
         raise PlanError(f"{out}: write the GGUF file outside the checkpoint folder (every file "
                         "inside it is part of the checkpoint id)")
     tmp = out.with_name(out.name + ".part")
-    info = write_gguf(folder, tmp, kind)
+    info = write_gguf(folder, tmp, kind, tokenizer=tokenizer)
     _durable_replace(tmp, out)  # the bytes durable before the name, the name after
     record = {"file": out.name, "type": kind, "blake3": file_digest(out),
               "size": out.stat().st_size, "tokenizer": info["tokenizer"]}

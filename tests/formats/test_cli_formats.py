@@ -25,7 +25,7 @@ def cli(capsys, *args: str) -> tuple[int, dict]:
 def test_gguf_and_bin_in_gguf_out(tiny_models, tmp_path: Path, capsys) -> None:
     base = tiny_models.get("llama")
     ft = tiny_models.get("llama", seed=1)
-    write_gguf(base, tmp_path / "base.gguf", "f32")
+    write_gguf(base, tmp_path / "base.gguf", "f32", tokenizer=False)
     # the fine-tune as a PyTorch checkpoint folder
     bin_dir = tmp_path / "ft-bin"
     bin_dir.mkdir()
@@ -40,11 +40,15 @@ def test_gguf_and_bin_in_gguf_out(tiny_models, tmp_path: Path, capsys) -> None:
     code, out = cli(capsys, "recipe", a, "--method", "task_arithmetic",
                     "--anchor", str(tmp_path / "base.gguf"))
     assert code == 0, out
+    # the tiny models have no tokenizer: refused by name, unless asked for on purpose
+    code, out = cli(capsys, "resolve", a, "--out", str(tmp_path / "refused"), "--format", "gguf")
+    assert code != 0 and "no tokenizer" in json.dumps(out) and "--gguf-no-tokenizer" in json.dumps(out)
+    assert not Path(f"{tmp_path / 'refused'}.gguf").exists()
     outs = []
     for k in range(2):
         folder = tmp_path / f"merged{k}"
         code, out = cli(capsys, "resolve", a, "--out", str(folder), "--format", "gguf",
-                        "--gguf-type", "q8_0")
+                        "--gguf-type", "q8_0", "--gguf-no-tokenizer")
         assert code == 0, out
         gguf = Path(f"{folder}.gguf")
         assert gguf.is_file() and out["gguf"]["file"] == gguf.name
@@ -89,3 +93,60 @@ def test_contribute_an_adapter_through_the_cli(tiny_models, tmp_path: Path, caps
                 == plain["model.layers.0.self_attn.q_proj.weight"]).all()
     assert (merged["model.layers.0.self_attn.k_proj.weight"]
             == plain["model.layers.0.self_attn.k_proj.weight"]).all()
+
+
+def test_gguf_from_a_pinned_plan_is_the_same_on_two_replicas(tiny_models, tmp_path: Path,
+                                                              capsys) -> None:
+    """`resolve --plan MERGE_MANIFEST --format gguf` on two replicas, after the state moved
+    on: both write the recorded plan's GGUF (with its SentencePiece tokenizer), byte for
+    byte, and record the same hash in their merge_manifest.json."""
+    import shutil
+
+    from crdt_merge.replica import Replica
+    from crdt_merge.store.importer import import_model
+    from crdt_merge.sync import LocalPeer, sync
+    from tests.formats.test_gguf_tokenizer import _train
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models.get("llama", vocab_size=320), base)
+    (base / "tokenizer.model").write_bytes(_train())
+    a = Replica.create(tmp_path / "a", site="alpha", profile="test")
+    b = Replica.join(tmp_path / "b", site="beta", genesis=a.genesis_bytes())
+    a.admit("beta", b.public_key)
+    base_id = import_model(a.store, str(base), a.piece_size).manifest_id
+    for seed in (1, 2):
+        ft = import_model(a.store, str(tiny_models.get("llama", seed=seed, vocab_size=320)),
+                          a.piece_size)
+        a.contribute(ft.manifest_id, base=base_id, params={"weight": "1"}, label=f"ft{seed}")
+        if seed == 1:
+            a.set_recipe("task_arithmetic", {"lambda": "0.5"}, anchor=base_id)
+            a.close()
+            code, first = cli(capsys, "resolve", str(tmp_path / "a"), "--out",
+                              str(tmp_path / "first"), "--format", "gguf")
+            assert code == 0, first
+            assert first["gguf"]["tokenizer"] == "llama"
+            a = Replica.open(tmp_path / "a")
+    sync(b, LocalPeer(a))  # beta holds everything; the current plan has both fine-tunes
+    a.close()
+    b.close()
+    pinned = str(tmp_path / "first" / "merge_manifest.json")
+    records = []
+    for site in ("a", "b"):
+        out = tmp_path / f"pinned-{site}"
+        code, got = cli(capsys, "resolve", str(tmp_path / site), "--plan", pinned, "--out",
+                        str(out), "--format", "gguf")
+        assert code == 0, got
+        receipt = json.loads((out / "merge_manifest.json").read_text())
+        assert receipt["plan_id"] == first["plan_id"] and receipt["gguf"] == got["gguf"]
+        assert receipt["gguf"]["blake3"] == blake3.blake3(Path(f"{out}.gguf").read_bytes()).hexdigest()
+        records.append(receipt["gguf"])
+    want = json.loads(Path(pinned).read_text())["gguf"]
+    for record in records:
+        assert {k: v for k, v in record.items() if k != "file"} == \
+               {k: v for k, v in want.items() if k != "file"}
+    assert Path(f"{tmp_path / 'pinned-a'}.gguf").read_bytes() == \
+        Path(f"{tmp_path / 'pinned-b'}.gguf").read_bytes() == Path(f"{tmp_path / 'first'}.gguf").read_bytes()
+    code, now = cli(capsys, "resolve", str(tmp_path / "b"), "--out", str(tmp_path / "now"),
+                    "--format", "gguf")
+    assert code == 0 and now["plan_id"] != first["plan_id"]
+    assert now["gguf"]["blake3"] != want["blake3"]  # the state moved on; the pin did not
