@@ -152,17 +152,24 @@ class MergePlan:
                 **self.to_wire(), "decisions": [dict(d) for d in self.decisions]}
 
 
-def _adapter_problem(adapter: Manifest, base: Manifest | None, whole: bool,
+def _adapter_problem(adapter: Manifest, base: Manifest | None, method: str, whole: bool,
                      sliced: bool) -> str | None:
     """Why an adapter contribution cannot take part, or None: its table must be valid for
-    the plan's base (specs/formats.md section 11); whole-model methods (cross_family...)
+    the plan's base (specs/formats.md section 11); whole-model methods (cross_family)
     other than those that declare ``adapters`` (krum, multi_krum) and layer slices do not
-    take adapters."""
+    take adapters, each named in the reason. An exclusion, not a plan error: a contribution
+    must not be able to stop everyone's merge."""
     from crdt_merge.errors import ModelImportError
     from crdt_merge.store.adapter import adapter_table
 
-    if whole or sliced:
-        return "adapters take part in per-tensor merges onto their base without slices only"
+    if whole:
+        return (f"{method} is a whole-model method and does not take adapter contributions "
+                "(they take part in per-tensor methods onto their base); contribute the "
+                "merged model (PEFT merge_and_unload) instead")
+    if sliced:
+        return ("layer slices do not take adapter contributions (they take part in "
+                f"per-tensor {method} onto their base without slices); contribute the merged "
+                "model (PEFT merge_and_unload) instead")
     try:
         adapter_table(adapter, base)
     except ModelImportError as exc:
@@ -422,7 +429,7 @@ def plan(replica: Replica, extra: Sequence[Op] = ()) -> MergePlan:
         donor = replica.get_manifest(c.manifest)
         reference = base_manifest or (replica.get_manifest(kept[0].manifest) if kept else None)
         if c.form == "adapter":  # its table is checked against the base instead of shapes
-            problem = _adapter_problem(donor, base_manifest,
+            problem = _adapter_problem(donor, base_manifest, method.name,
                                        whole is not None and not whole.adapters,
                                        slices is not None)
             if problem:

@@ -199,3 +199,96 @@ def test_sync_of_an_adapter_moves_the_adapter_not_the_model(tiny_models, tmp_pat
     assert wire_bytes < model_bytes / 10
     beta.close()
     alpha.close()
+
+
+def test_sync_of_an_adapter_between_two_servers_moves_the_adapter(tiny_models, tmp_path) -> None:
+    """Two real servers (tests/bench/adapter_sync_bench.py): B pulls from A. After B holds
+    the base, the round that brings alpha's adapter contribution moves less than three
+    times the adapter file (4 KiB test pieces: one HTTP exchange each, headers included)
+    and under a tenth of the model's tensor bytes; the first round moved the model."""
+    from tests.bench.adapter_sync_bench import measure
+
+    base = tiny_models.get("llama", hidden_size=64, head_dim=16, num_hidden_layers=4,
+                           intermediate_size=256)
+    adapter = make_adapter(base, tmp_path / "ad", 4, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "v_proj"])
+    got = measure(base, adapter, tmp_path, "test")
+    print(got)
+    wire = got["adapter_round"]["sent"] + got["adapter_round"]["received"]
+    assert got["same_state"] and got["adapter_round"]["ops_received"] == 1
+    assert got["base_round"]["received"] > got["model_tensor_bytes"]  # the base came first
+    assert wire < 3 * got["adapter_file_bytes"]
+    assert wire < got["model_tensor_bytes"] / 10
+
+
+@pytest.fixture
+def adapter_and_models(tiny_models, tmp_path):
+    """A replica with the tiny llama base imported, one adapter contribution and four
+    fine-tunes of the base."""
+    base = tiny_models.get("llama")
+    adapter = make_adapter(base, tmp_path / "ad", 1, r=2, lora_alpha=4, target_modules=["q_proj"])
+    r = _project(tmp_path)
+    b = import_model(r.store, str(base), r.piece_size)
+    a = import_adapter(r.store, str(adapter), r.piece_size, b.manifest)
+    op = r.contribute(a.manifest_id, form="adapter", base=b.manifest_id, params={"weight": "1"})
+    fts = []
+    for seed in (1, 2, 3, 4):
+        ft = import_model(r.store, str(tiny_models.get("llama", seed=seed)), r.piece_size)
+        r.contribute(ft.manifest_id, base=b.manifest_id, params={"weight": "1"}, label=f"ft{seed}")
+        fts.append(ft.manifest_id)
+    yield r, b.manifest_id, a.manifest_id, op.id, fts
+    r.close()
+
+
+@pytest.mark.parametrize("method, params", [
+    ("cross_family", {"preset": "asymmetric"}), ("linear", "slices"),
+])
+def test_adapters_with_whole_model_methods_and_slices_are_excluded_by_name(
+        adapter_and_models, method, params) -> None:
+    """cross_family and layer slices do not take adapters (krum and multi_krum do, issue
+    16): the plan excludes the adapter contribution with a reason naming the method (or
+    the slices), never silently;
+    an exclusion rather than a plan error, so that one contribution cannot stop the
+    merge of everyone else."""
+    r, base, _, op_id, fts = adapter_and_models
+    if params == "slices":
+        params = {"slices": [{"sources": [{"model": fts[0], "layer_range": [0, 2]},
+                                          {"model": fts[1], "layer_range": [0, 2]}]}]}
+    r.set_recipe(method, params, anchor=base)
+    p = plan(r)
+    assert op_id not in [c.op_id for c in p.contributions]
+    why = [d for d in p.decisions if d.get("op_id") == op_id and d["decision"] == "excluded"]
+    assert len(why) == 1, p.decisions
+    named = "layer slices" if "slices" in params else method
+    assert why[0]["detail"].startswith(f"adapter: {named}"), why[0]["detail"]
+    assert "adapter" in why[0]["detail"][len("adapter: "):]
+
+
+def test_a_slice_naming_an_adapter_fails_the_plan(adapter_and_models) -> None:
+    r, base, adapter_id, _, _ = adapter_and_models
+    r.set_recipe("passthrough", {"slices": [{"sources": [{"model": adapter_id,
+                                                          "layer_range": [0, 2]}]}]},
+                 anchor=base)
+    from crdt_merge.errors import PlanError
+    with pytest.raises(PlanError, match="layer slices do not take adapter contributions"):
+        plan(r)
+
+
+def test_passthrough_of_one_adapter_is_its_materialised_model(tiny_models, tmp_path) -> None:
+    """passthrough (no slices) over a lone adapter contribution writes base + delta, the
+    same bytes as linear with weight 1 (itself PEFT's merge_and_unload, tested above)."""
+    base = tiny_models.get("llama")
+    adapter = make_adapter(base, tmp_path / "ad", 2, r=4, lora_alpha=8,
+                           target_modules=["q_proj", "down_proj"])
+    r = _project(tmp_path)
+    base_id = _contribute_adapter(r, base, adapter)
+    r.set_recipe("passthrough", {}, anchor=base_id)
+    got = _resolve(r, tmp_path / "pass")
+    r.set_recipe("linear", {}, anchor=base_id)
+    want = _resolve(r, tmp_path / "linear")
+    plain = load_file(str(base / "model.safetensors"))
+    assert got.keys() == want.keys()
+    assert all(got[k].tobytes() == want[k].tobytes() for k in got)
+    assert not np.array_equal(got["model.layers.0.self_attn.q_proj.weight"],
+                              plain["model.layers.0.self_attn.q_proj.weight"])
+    r.close()
