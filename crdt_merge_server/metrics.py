@@ -13,7 +13,6 @@ client chooses becomes a label value.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -80,8 +79,7 @@ class StateCollector(Collector):
         for kind in sorted(kinds):
             ops.add_metric([kind], kinds[kind])
         yield ops
-        count, size = r.store.index.query(
-            "SELECT count(*), coalesce(sum(size), 0) FROM objects")[0]
+        count, size = r.store.object_totals()
         yield GaugeMetricFamily("crdt_merge_objects", "Objects (pieces and manifests) stored",
                                 value=count)
         yield GaugeMetricFamily("crdt_merge_object_bytes", "Bytes of the objects stored",
@@ -89,11 +87,11 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "crdt_merge_quarantined_objects",
             "Object files moved to quarantine/ because they failed their hash when read",
-            value=_count_files(r.store.files.quarantine))
+            value=r.store.quarantined_files())
         yield GaugeMetricFamily(
             "crdt_merge_wanted_objects",
             "Objects lost (quarantined or gone) that the next pull fetches again",
-            value=len(r.store.index.wanted()))
+            value=len(r.wanted_objects()))
         yield GaugeMetricFamily("crdt_merge_quarantined_ops",
                                 "Stored ops that failed their id or signature when read",
                                 value=len(r.quarantined_ops()))
@@ -120,12 +118,6 @@ class StateCollector(Collector):
         yield info
 
 
-def _count_files(folder: os.PathLike[str]) -> int:
-    try:
-        with os.scandir(folder) as entries:
-            return sum(1 for e in entries if e.is_file())
-    except FileNotFoundError:
-        return 0
 
 
 class Metrics:

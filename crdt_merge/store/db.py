@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from crdt_merge.errors import IncompleteOp
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -131,10 +133,39 @@ class Index:
         with self.write() as c:
             c.executemany("DELETE FROM objects WHERE id = ?", [(i,) for i in ids])
 
+    def object_totals(self) -> tuple[int, int]:
+        """How many objects are indexed, and the sum of their sizes."""
+        count, size = self.query("SELECT count(*), coalesce(sum(size), 0) FROM objects")[0]
+        return int(count), int(size)
+
     def object_ids(self) -> list[str]:
         return [r[0] for r in self.query("SELECT id FROM objects ORDER BY id")]
 
     # -- committed ops ------------------------------------------------------------------
+
+    def insert_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes,
+                  objects: Iterable[str], before_commit: Callable[[], None] = lambda: None
+                  ) -> bool:
+        """Commit an op row once all its objects are held (checked in the same transaction);
+        ``before_commit`` runs just before the row is written. Returns False when the op
+        was already held.
+
+        Raises:
+            IncompleteOp: an object is not held.
+        """
+        objects = sorted(set(objects))
+        with self.write() as c:
+            if c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
+                c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+                return False
+            missing = [o for o in objects
+                       if not c.execute("SELECT 1 FROM objects WHERE id = ?", (o,)).fetchone()]
+            if missing:
+                raise IncompleteOp(op_id, missing)
+            before_commit()
+            c.execute("INSERT INTO ops VALUES (?, ?, ?, ?, ?)", (op_id, kind, site, clock, data))
+            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+        return True
 
     def op_rows(self) -> list[tuple[str, bytes]]:
         return self.query("SELECT id, data FROM ops ORDER BY id")

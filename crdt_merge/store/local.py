@@ -22,7 +22,6 @@ from typing import Any
 
 from crdt_merge.errors import (
     HashMismatch,
-    IncompleteOp,
     NotAReplica,
     PieceCorrupt,
     PieceMissing,
@@ -275,6 +274,14 @@ class LocalStore:
         """Delete stale download part files (see :meth:`ObjectFiles.clean_parts`)."""
         return self.files.clean_parts()
 
+    def object_totals(self) -> tuple[int, int]:
+        """How many objects are indexed, and their bytes."""
+        return self.index.object_totals()
+
+    def quarantined_files(self) -> int:
+        """How many object files were moved to quarantine (failed their hash when read)."""
+        return self.files.quarantined_count()
+
     def delete_objects(self, ids: Iterable[str]) -> None:
         ids = list(ids)
         self.index.remove_objects(ids)
@@ -301,19 +308,8 @@ class LocalStore:
         Raises:
             IncompleteOp: an object is not held.
         """
-        objects = sorted(set(objects))
-        with self.index.write() as c:
-            if c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
-                c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
-                return False
-            missing = [o for o in objects
-                       if not c.execute("SELECT 1 FROM objects WHERE id = ?", (o,)).fetchone()]
-            if missing:
-                raise IncompleteOp(op_id, missing)
-            crashpoint("op.before_commit")
-            c.execute("INSERT INTO ops VALUES (?, ?, ?, ?, ?)", (op_id, kind, site, clock, data))
-            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
-        return True
+        return self.index.insert_op(op_id, kind, site, clock, data, objects,
+                                    before_commit=lambda: crashpoint("op.before_commit"))
 
     def stage_op(self, op_id: str, data: bytes, limits: StagingLimits | None = None,
                  now: float | None = None) -> list[str]:

@@ -229,6 +229,14 @@ class ObjectFiles:
             raise PieceCorrupt(object_id, str(self.quarantine_file(object_id)))
         return size
 
+    def quarantined_count(self) -> int:
+        """How many files ``quarantine/`` holds."""
+        try:
+            with os.scandir(self.quarantine) as entries:
+                return sum(1 for e in entries if e.is_file())
+        except FileNotFoundError:
+            return 0
+
     def quarantine_file(self, object_id: str) -> Path:
         """Move a stored object aside (it failed verification). Returns its new path."""
         src = self.path(object_id)
