@@ -38,7 +38,7 @@ from crdt_merge.recipe import (  # noqa: F401  (parse_value: part of this module
 )
 from crdt_merge.replica import Replica
 from crdt_merge.store.adapter import is_peft_folder
-from crdt_merge.store.importer import Imported, import_adapter, import_model
+from crdt_merge.store.importer import Imported, import_adapter, import_model, model_label
 from crdt_merge.sync import LocalPeer, SyncStats, sync
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def cmd_contribute(args: Any) -> tuple[int, Any]:
             _check_same_shapes(donor, base)
         fields = dict(form="adapter" if adapter else "delta" if args.delta else "full",
                       base=base.manifest_id if base else None, params=params,
-                      label=(args.label or Path(args.model).name or args.model)[:200],
+                      label=(args.label or model_label(args.model))[:200],
                       family=_family(donor)[:200])
         if current is not None and not args.force:  # the plan's own check, as if written
             candidate = r.contribute(donor.manifest_id, **fields, draft=True)

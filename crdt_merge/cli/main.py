@@ -118,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--weight", help="the donor's weight (mergekit `weight`)")
     c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a per-model parameter (density, epsilon, ...); repeatable")
-    c.add_argument("--label", help="a name for the model card (default: MODEL)")
+    c.add_argument("--label", help="a name for the model card (default: MODEL as given when "
+                                   "it is an org/name repo id, else its file or folder name)")
     c.add_argument("--force", action="store_true", help=force)
 
     c = cmd("retract", "retract contributions this site made")

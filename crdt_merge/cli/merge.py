@@ -30,9 +30,12 @@ from crdt_merge.interop.mergekit import load
 from crdt_merge.replica import Replica
 
 SITE = "local"
+#: what ``--no-copy-tokenizer`` leaves out: the tokenizer files mergekit copies (with
+#: ``generation_config.json``, which it copies with them), and the other tokenizer files
+#: the importer keeps (vocab.txt, spiece.model)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "generation_config.json", "vocab.txt", "spiece.model")
 BYTES = {name: SIZES[st] for name, st in RECIPE_DTYPES.items()}  # crdt_merge/dtypes.py
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from crdt_merge import maintenance
@@ -24,7 +23,7 @@ from crdt_merge.interop.mergekit import Draft, load
 from crdt_merge.methods import get_method, plan_slices
 from crdt_merge.recipe import normalize_slices
 from crdt_merge.replica import Replica
-from crdt_merge.store.importer import Imported
+from crdt_merge.store.importer import Imported, model_label
 
 
 def apply_mergekit_yaml(replica: Replica, path: str,
@@ -88,7 +87,7 @@ def apply_draft(replica: Replica, draft: Draft, path: str,
         existing[key] = "(new)"
         planned.append(({"model": item.ref}, dict(
             manifest_id=imported.manifest_id, params=item.params,
-            label=Path(item.ref).name or item.ref,
+            label=model_label(item.ref)[:200],
             base=base.manifest_id if base else None,
             family=str(imported.manifest.meta.get("model_type", ""))[:200])))
     winner = status["recipe"]

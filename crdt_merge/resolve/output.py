@@ -19,6 +19,7 @@ from crdt_merge.dtypes import CONFIG_NAMES
 from crdt_merge.errors import PlanError
 from crdt_merge.families import LAYER_COUNT_KEYS
 from crdt_merge.interop.mergekit import to_yaml
+from crdt_merge.store.importer import hub_repo
 from crdt_merge.store.manifests import DTYPE_SIZES, Manifest
 from crdt_merge.store.objects import fsync_dir
 from crdt_merge.store.safetensors_io import header_bytes
@@ -156,8 +157,9 @@ def model_card(plan: Mapping[str, Any], plan_id: str, labels: Mapping[str, str],
     inputs = [labels.get(c["op_id"], c["label"]) for c in plan["contributions"]]
     front = {"library_name": "transformers", "base_model_relation": "merge",
              "tags": ["merge", "mergekit", "crdt-merge"]}
-    if inputs:
-        front["base_model"] = sorted(set(inputs))
+    repos = sorted({r for r in map(hub_repo, inputs) if r is not None})
+    if repos:  # the Hub takes repo ids only: models given as local folders are left out
+        front["base_model"] = repos
     lines = [
         "---", *yaml.safe_dump(front, sort_keys=True).splitlines(), "---", "",
         "# Merged model", "",

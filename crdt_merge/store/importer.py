@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,26 @@ class Imported:
     source: str
     new_pieces: int
     total_pieces: int
+
+
+#: a Hugging Face repo id as a label holds it: ``org/name``, optionally ``@revision``
+HUB_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,95})/([A-Za-z0-9][A-Za-z0-9._-]{0,95})(@[^\s/]+)?")
+
+
+def model_label(source: str) -> str:
+    """The label a model gets by default: a Hugging Face repo id as given (``org/name`` or
+    ``org/name@rev``), a local file or folder by its own name only, so that no path of the
+    user's machine reaches an op or a model card."""
+    path = Path(source).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(source):
+        return source
+    return path.resolve().name or source
+
+
+def hub_repo(label: str) -> str | None:
+    """The repo id (``org/name``, without a revision) a label names, or None."""
+    match = HUB_ID.fullmatch(label)
+    return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
 def resolve_source(source: str) -> Path:
