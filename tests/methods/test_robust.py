@@ -107,6 +107,60 @@ def test_identical_donors_give_that_donor(dtype, count) -> None:
         assert out.dtype == dtype and torch.equal(out, donor), (method, count)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), count=st.integers(1, 6),
+       dtype=st.sampled_from(DTYPES[:3]))
+def test_krum_kernels_are_the_mean_task_vector_within_one_rounding(seed, count, dtype) -> None:
+    """krum / multi_krum merge the donors the plan kept: ``b + mean(d_i)``, against exact
+    rationals rounded once (the selection itself: tests/resolve/test_robust_resolve.py)."""
+    base, donors = _donors(seed, count, dtype=dtype)
+    b = base.double().reshape(-1).tolist()
+    ds = [x.double().reshape(-1).tolist() for x in donors]
+    ref = torch.tensor([float(Fraction(bk) + sum(Fraction(d[k]) - Fraction(bk) for d in ds)
+                              / count) for k, bk in enumerate(b)],
+                       dtype=torch.float64).reshape(base.shape)
+    for method, options in (("krum", {"f": 0}), ("multi_krum", {"f": 0, "m": count})):
+        out = run(method, base, donors, [{}] * count, options)
+        assert _within_one_rounding(round_to(out, dtype), ref), method
+    # identical donors: that donor
+    same = run("multi_krum", base, [donors[0].clone() for _ in range(count)], [{}] * count,
+               {"f": 0, "m": count})
+    assert torch.equal(round_to(same, dtype), donors[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10**6), count=st.integers(2, 6), dtype=st.sampled_from(DTYPES[:3]),
+       clip=st.sampled_from(["0.5", "1", "2"]), data=st.data())
+def test_clipped_is_its_formula_within_one_rounding(seed, count, dtype, clip, data) -> None:
+    """clipped (then=linear, per-tensor norms) against the formula of specs/methods.md in
+    exact rationals, with the norms and clip factors as plain float64 (math.sqrt): within
+    one rounding of the output dtype (order and duplication of the ops:
+    tests/resolve/test_robust_resolve.py)."""
+    base, donors = _donors(seed, count, dtype=dtype)
+    scale = data.draw(st.lists(st.sampled_from([0.5, 1.0, 4.0, 30.0]), min_size=count,
+                               max_size=count))  # some task vectors much longer
+    donors = [(base.double() + (x.double() - base.double()) * f).to(dtype)
+              for x, f in zip(donors, scale, strict=True)]
+    weights = data.draw(st.lists(st.sampled_from(["0.5", "1", "3"]), min_size=count,
+                                 max_size=count))
+    b = [Fraction(v) for v in base.double().reshape(-1).tolist()]
+    ds = [[Fraction(v) - bk for v, bk in zip(x.double().reshape(-1).tolist(), b, strict=True)]
+          for x in donors]
+    norms = [math.sqrt(float(sum(v * v for v in d))) for d in ds]
+    srt = sorted(norms)
+    med = srt[count // 2] if count % 2 else (srt[count // 2 - 1] + srt[count // 2]) / 2
+    cap = float(clip) * med
+    factors = [Fraction(cap / n) if n > cap else Fraction(1) for n in norms]
+    w = [Fraction(x) for x in weights]
+    ref = torch.tensor([float(sum(wi * (bk + d[k] * f) for wi, d, f in zip(w, ds, factors,
+                                                                          strict=True)) / sum(w))
+                        for k, bk in enumerate(b)], dtype=torch.float64).reshape(base.shape)
+    params = [{"weight": x} for x in weights]
+    options = {"then": "linear", "clip": clip}
+    out = run("clipped", base, donors, params, options)
+    assert _within_one_rounding(round_to(out, dtype), ref)
+
+
 def test_trim_must_leave_a_value() -> None:
     base, donors = _donors(1, 4)
     with pytest.raises(BadParameter, match="trim=2"):

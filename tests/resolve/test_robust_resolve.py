@@ -154,6 +154,8 @@ def _replicas(tmp_path: Path, n: int) -> list[Replica]:
 
 
 @pytest.mark.parametrize("method, params", [("median", {}), ("trimmed_mean", {"trim": "1"}),
+                                            ("clipped", {"then": "median", "clip": "1"}),
+                                            ("krum", {"f": "1"}),
                                             ("multi_krum", {"f": "1", "m": "3"})])
 def test_same_bytes_whatever_the_order_and_duplication_of_ops(tmp_path: Path, method, params) -> None:
     base, honest, bad = _models(tmp_path, "flip")
