@@ -144,6 +144,19 @@ def excluded_of(the_plan: Any, op_ids: set[str] | None = None) -> list[dict[str,
             and (op_ids is None or d.get("op_id") in op_ids)]
 
 
+def refused_of(the_plan: Any) -> list[dict[str, Any]]:
+    """The exclusions the CLI's checks refuse (unless forced): all but those the recipe
+    itself asks for (``by_recipe``: krum's selection, ``exclude_outliers``), which are
+    the method working and are printed as warnings instead."""
+    out = []
+    for d in excluded_of(the_plan):
+        if d.get("by_recipe"):
+            warn(f"the recipe leaves out {d['op_id'][:12]}: {d['detail']}")
+        else:
+            out.append(d)
+    return out
+
+
 def _family(imported: Imported) -> str:
     """The model family as the config names it (``model_type``); empty for bare files."""
     return str(imported.manifest.meta.get("model_type", ""))
@@ -268,7 +281,7 @@ def cmd_contribute(args: Any) -> tuple[int, Any]:
             planned_before, before = _planned(r, [])
             after, why = _planned(r, [candidate])
             was = {d["op_id"] for d in excluded_of(planned_before)} if planned_before else set()
-            out = [d for d in (excluded_of(after) if after is not None else [])
+            out = [d for d in (refused_of(after) if after is not None else [])
                    if d["op_id"] not in was]
             if out:
                 whose = ("this contribution" if out[0]["op_id"] == candidate.id else
@@ -337,7 +350,7 @@ def check_drafts(r: Replica, drafts: list[Op], force: bool, hint: str = FORCE_HI
     after, why = _planned(r, drafts)
     if after is None:
         raise PlanError(f"the plan would fail: {why} {hint}")
-    out = excluded_of(after)
+    out = refused_of(after)
     if out:
         labels = {op.id: f"{op.site} {op.body['label']!r}" for op in contributions}
         lines = "".join(f"\n  excluded {d['op_id'][:12]} {labels.get(d['op_id'], '')}: "

@@ -91,7 +91,7 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
             warn(note)
         the_plan = plan(r)
         excluded = commands.excluded_of(the_plan)
-        if excluded and not args.allow_exclusions:  # nothing new was drafted, the plan still does
+        if commands.refused_of(the_plan) and not args.allow_exclusions:  # nothing new was drafted, the plan still does
             commands.report_exclusions(r, the_plan)
             raise PlanError(f"{len(excluded)} contribution(s) would be excluded (see above); "
                             "fix the config or pass --allow-exclusions")

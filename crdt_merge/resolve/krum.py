@@ -55,7 +55,7 @@ def plan_section(name: str, replica: Replica, base: str | None,
     decisions: list[dict[str, Any]] = []
     for i, c in enumerate(contributions):
         if i not in chosen:
-            decisions.append({"decision": "excluded", "op_id": c.op_id,
+            decisions.append({"decision": "excluded", "op_id": c.op_id, "by_recipe": True,
                               "detail": f"{name}: score {scores[i]:.6g} is not among the {m} "
                                         f"lowest (f={f})"})
     return Section(section, decisions, tuple(contributions[i] for i in chosen))

@@ -521,7 +521,7 @@ def _outlier_decisions(replica: Replica, base: Manifest, kept: list[Contribution
     out = []
     for c, entry, i in zip(kept, entries, range(len(kept)), strict=True):
         if exclude and entry["flags"]:
-            decisions.append({"decision": "excluded", "op_id": c.op_id,
+            decisions.append({"decision": "excluded", "op_id": c.op_id, "by_recipe": True,
                               "detail": f"outlier ({', '.join(entry['flags'])}): task-vector "
                                         f"norm {entry['norm']}, cosine {entry['cosine']} to "
                                         "the mean of the others (exclude_outliers=true)"})

@@ -46,6 +46,8 @@ CASES = {
     "sce": ("sce", "base", [{}, {}], {"select_topk": 0.5}),
     "ramplus_tl": ("ramplus_tl", "base", [{}, {}], {"epsilon": 0.01}),
     "nearswap": ("nearswap", "base", [{}], {"t": 0.01}),
+    "arcee_fusion": ("arcee_fusion", "base", [{}], {}),
+    "ram": ("ram", "base", [{}, {}], {"epsilon": 0.01}),
 }
 
 

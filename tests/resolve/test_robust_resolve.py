@@ -120,6 +120,27 @@ def test_multi_krum_keeps_the_honest_and_krum_one_of_them(tmp_path: Path) -> Non
     r.close()
 
 
+def test_recipe_and_contribute_take_krum_without_force(tmp_path: Path, capsys) -> None:
+    """krum leaves donors out by design (a ``by_recipe`` exclusion): ``recipe`` and
+    ``contribute`` say so on stderr and go ahead; a contribution the plan would exclude
+    for a problem of its own (a shape mismatch) is still refused without --force."""
+    base, honest, bad = _models(tmp_path, "noise")
+    replica = str(tmp_path / "r")
+    assert main(["init", replica, "--site", "alpha", "--profile", "test"]) == 0
+    for folder in honest[:3]:
+        assert main(["contribute", replica, str(folder), "--base", str(base)]) == 0
+    capsys.readouterr()
+    assert main(["recipe", replica, "--method", "krum", "--param", "f=0", "--anchor",
+                 str(base)]) == 0, capsys.readouterr().err
+    assert "the recipe leaves out" in capsys.readouterr().err
+    assert main(["contribute", replica, str(bad), "--base", str(base)]) == 0
+    assert "the recipe leaves out" in capsys.readouterr().err
+    shapes = {k: torch.zeros(3) for k in SHAPES}
+    odd = write_model(tmp_path / "odd", shapes)
+    assert main(["contribute", replica, str(odd)]) == 2
+    assert "would exclude" in capsys.readouterr().err
+
+
 def test_krum_needs_enough_contributions(tmp_path: Path) -> None:
     from crdt_merge.errors import PlanError
 
@@ -249,6 +270,35 @@ def test_merge_command_takes_a_robust_method_that_from_mergekit_refuses(tmp_path
     capsys.readouterr()
     assert main(["recipe", replica, "--from-mergekit", str(path)]) == 2
     assert "'trimmed_mean' is crdt-merge's own" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, params, donors", [
+    ("median", {}, 5), ("trimmed_mean", {"trim": 1}, 5),
+    ("clipped", {"then": "ties", "clip": 1.0}, 5), ("krum", {"f": 1}, 5),
+    ("multi_krum", {"f": 1, "m": 3}, 5), ("sce", {"select_topk": 0.5}, 5),
+    ("nearswap", {"t": 0.01}, 1), ("arcee_fusion", {}, 1), ("ram", {}, 5),
+    ("ramplus_tl", {"r": 0.2}, 5),
+])
+def test_merge_command_takes_every_new_method(tmp_path: Path, capsys, method, params,
+                                              donors) -> None:
+    import yaml
+
+    base, honest, bad = _models(tmp_path, "flip")
+    per_model = {"weight": 1.0, "density": 0.5} if method == "clipped" else {}
+    config = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(m), **({"parameters": per_model} if per_model else {})}
+                         for m in [*honest, bad][:donors]],
+              "parameters": params}
+    path = tmp_path / "m.yml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["--json", "merge", str(path), str(tmp_path / "out")]) == 0, \
+        capsys.readouterr().err
+    if "krum" in method:  # leaving donors out is the method working: said, not refused
+        assert "the recipe leaves out" in capsys.readouterr().err
+    merged = read(tmp_path / "out")
+    assert set(merged) == set(SHAPES)
+    assert any(not torch.equal(merged[k], read(base)[k]) for k in SHAPES)
 
 
 @settings(max_examples=40, deadline=None)
