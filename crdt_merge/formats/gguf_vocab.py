@@ -138,8 +138,10 @@ def _added_flags(tokenizer: Mapping[str, Any] | None, names: Mapping[str, str | 
             b = middle[-1].get("Sequence", {}).get("id") if middle else None
             if a == "A" and b == "B" and len(middle) > 2:
                 inner = middle[1:-1]
-                add_sep = bool(special_id(inner[0]) in (sep, eos) and not last)
-                if len(inner) == 2 and special_id(inner[1]) in (sep, eos):
+                entry = special_id(inner[0])
+                add_sep = bool(entry) and entry in (sep, eos) and not last
+                second = special_id(inner[1]) if len(inner) == 2 else None
+                if second and second in (sep, eos):
                     add_sep = True
                 flags["sep"] = add_sep
     return flags

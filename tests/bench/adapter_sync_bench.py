@@ -107,6 +107,8 @@ def main(argv: list[str]) -> int:
     wire = result["adapter_round"]["sent"] + result["adapter_round"]["received"]
     result["adapter_round_wire_over_adapter"] = round(wire / result["adapter_file_bytes"], 3)
     result["adapter_round_wire_over_model"] = round(wire / result["model_tensor_bytes"], 6)
+    from tests.bench.machine import describe
+    result["machine"] = describe(["httpx", "uvicorn", "peft"])
     print(json.dumps(result, indent=2))
     return 0
 

@@ -251,3 +251,28 @@ def test_reader_refuses_what_is_not_a_model() -> None:
     for junk in (b"", b"\x0a\x05ab", b"\xff" * 12, b"\x0a\x02\x0a\x01"):
         with pytest.raises(ModelImportError, match="not a SentencePiece model"):
             spm.read_model(junk)
+
+
+def _template(single: str, pair: str) -> dict:
+    def items(text: str) -> list[dict]:
+        return [{"Sequence": {"id": t[1:], "type_id": 0}} if t.startswith("$")
+                else {"SpecialToken": {"id": t, "type_id": 0}} for t in text.split()]
+    return {"post_processor": {"type": "TemplateProcessing", "single": items(single),
+                               "pair": items(pair)}}
+
+
+@pytest.mark.parametrize("tokenizer, names, want", [
+    ({"post_processor": {"type": "RobertaProcessing"}}, {}, {"bos": True, "eos": True, "sep": True}),
+    # BERT: [CLS] counts as bos; the pair's inner [SEP] is its eos again, so no separate sep
+    (_template("[CLS] $A [SEP]", "[CLS] $A [SEP] $B [SEP]"),
+     {"bos": "[CLS]", "eos": "[SEP]", "sep": "[SEP]"}, {"bos": True, "eos": True, "sep": False}),
+    (_template("<s> $A </s>", "<s> $A </s> </s> $B </s>"), {"bos": "<s>", "eos": "</s>"},
+     {"bos": True, "eos": True, "sep": True}),
+    (_template("<bos> $A", "<bos> $A <bos> $B"), {"bos": "<bos>", "eos": "<eos>"},
+     {"bos": True, "sep": False}),
+    (_template("$A", "$A <x> $B"), {}, {"sep": False}),  # no names: <x> is no separator
+    (_template("$A", "$A $B"), {}, {}),
+])
+def test_add_flags_from_the_post_processor(tokenizer, names, want) -> None:
+    from crdt_merge.formats.gguf_vocab import _added_flags
+    assert _added_flags(tokenizer, names) == want
