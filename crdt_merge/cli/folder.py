@@ -17,11 +17,14 @@ def cmd_verify_folder(args: Any) -> tuple[int, Any]:
         "piece_size": check.piece_size, "expected": expect,
         "recorded_checkpoint_id": check.recorded_checkpoint_id, "plan_id": check.plan_id,
         "recorded_plan_id": check.recorded_plan_id, "ok": check.ok, "problems": check.problems,
+        "piece_size_note": check.piece_size_note,
     }
     lines = [f"checkpoint {check.checkpoint_id} (recomputed from the files, "
              f"{check.piece_size}-byte pieces)"]
     if check.plan_id:
         lines.append(f"plan {check.plan_id} (recomputed from merge_manifest.json)")
+    if check.piece_size_note:
+        lines.append(check.piece_size_note)
     if expect is None and check.recorded_checkpoint_id is None:
         lines.append("no merge_manifest.json and no --expect: nothing to compare with")
     lines += [f"MISMATCH: {p}" for p in check.problems]

@@ -174,7 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("verify-folder", "recompute a checkpoint folder's id from its files (no replica)")
     c.add_argument("folder", help="a checkpoint folder resolve wrote")
     c.add_argument("--expect", metavar="ID", help="the checkpoint id the files must have")
-    c.add_argument("--piece-size", type=int, help="default: as merge_manifest.json records")
+    c.add_argument("--piece-size", type=int,
+                   help="bytes per piece (default: as merge_manifest.json records; without "
+                        "it, the profile's that gives --expect, else 16 MiB)")
 
     c = cmd("ops", "export the replica's ops")
     ops = c.add_subparsers(dest="ops_command", required=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from crdt_merge import codec
+from crdt_merge.crdt.ops import PROFILES
 from crdt_merge.errors import CrdtMergeError, ModelImportError, PlanError, SchemaError
 from crdt_merge.hashing import PlanId, digest
 from crdt_merge.store.manifests import FileRecord, Manifest, TensorRecord, from_wire
@@ -135,6 +136,8 @@ class FolderCheck:
     plan_id: str | None = None
     recorded_plan_id: str | None = None
     problems: list[str] = field(default_factory=list)
+    #: how the piece size was chosen when no ``merge_manifest.json`` records it (else None)
+    piece_size_note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -168,7 +171,8 @@ def check_folder(folder: str | Path, expect: str | None = None,
     """Recompute the checkpoint id (and plan id) of a downloaded folder from its files.
 
     The piece size is ``piece_size``, else the one ``merge_manifest.json`` records, else
-    16 MiB. Problems: ``expect`` given and different; the recorded ids in
+    (no receipt) the profile's piece size that gives ``expect``, else 16 MiB (profile v1);
+    :attr:`FolderCheck.piece_size_note` then says which was taken. Problems: ``expect`` given and different; the recorded ids in
     ``merge_manifest.json`` differ from the recomputed ones (which files differ is named).
 
     Raises:
@@ -192,12 +196,35 @@ def check_folder(folder: str | Path, expect: str | None = None,
     recorded_manifest = (record or {}).get("manifest")
     if not isinstance(recorded_manifest, dict):
         recorded_manifest = {}
+    note = None
     if piece_size is None:
         size = recorded_manifest.get("piece_size")
-        piece_size = size if isinstance(size, int) and not isinstance(size, bool) and \
-            0 < size <= 2**31 else DEFAULT_PIECE_SIZE
-    manifest = checkpoint_manifest(folder, piece_size)
-    check = FolderCheck(manifest.id, piece_size, problems=problems)
+        if isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 2**31:
+            piece_size = size
+    if piece_size is None:  # no receipt says: each profile's piece size, v1's first
+        profiles = sorted(PROFILES.items(), key=lambda kv: -kv[1])
+        names = ", ".join(f"{n}: {size}" for n, size in profiles)
+        manifest = checkpoint_manifest(folder, profiles[0][1])
+        taken = profiles[0][0]
+        for name, size in profiles[1:]:
+            if expect is None or manifest.id == expect:
+                break
+            other = checkpoint_manifest(folder, size)
+            if other.id == expect:
+                manifest, taken = other, name
+        piece_size = manifest.piece_size
+        if expect is None:
+            note = (f"no {MANIFEST_FILE}: took {piece_size}-byte pieces (profile {taken}); "
+                    f"a checkpoint of a replica with another profile ({names}) needs "
+                    "--piece-size")
+        elif manifest.id == expect:
+            note = f"no {MANIFEST_FILE}: {piece_size}-byte pieces (profile {taken})"
+        else:
+            note = (f"no {MANIFEST_FILE}: tried each profile's piece size ({names}); for "
+                    "another, give --piece-size")
+    else:
+        manifest = checkpoint_manifest(folder, piece_size)
+    check = FolderCheck(manifest.id, piece_size, problems=problems, piece_size_note=note)
     if record is not None:
         check.recorded_checkpoint_id = record.get("checkpoint_id")
         check.recorded_plan_id = record.get("plan_id")
@@ -214,5 +241,6 @@ def check_folder(folder: str | Path, expect: str | None = None,
                 problems.append(f"{MANIFEST_FILE}: the plan hashes to {check.plan_id}, not the "
                                 f"recorded {check.recorded_plan_id}")
     if expect is not None and expect != check.checkpoint_id:
-        problems.append(f"the files hash to {check.checkpoint_id}, not the expected {expect}")
+        problems.append(f"the files hash to {check.checkpoint_id}, not the expected {expect}"
+                        + ("" if note is None else " (with any profile's piece size)"))
     return check

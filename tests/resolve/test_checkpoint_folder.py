@@ -105,7 +105,19 @@ def test_an_added_file_changes_the_id_and_a_folder_without_a_receipt(resolved, t
     assert not check_folder(result.out).ok
     (result.out / "notes.txt").unlink()
     (result.out / "merge_manifest.json").unlink()
-    piece = "4096"  # the test profile's; without a receipt it must be given
+    # without a receipt, --expect finds the profile's piece size (the test profile's here)
+    capsys.readouterr()
+    assert main(["verify-folder", str(result.out), "--expect", result.checkpoint_id]) == 0
+    assert "4096-byte pieces (profile test)" in capsys.readouterr().out
+    assert main(["verify-folder", str(result.out), "--expect", "ab" * 32]) == 1
+    shown = capsys.readouterr().out
+    assert "MISMATCH" in shown and "--piece-size" in shown
+    # without --expect either: v1's piece size is taken, and the output says so
+    assert main(["verify-folder", str(result.out)]) == 0
+    shown = capsys.readouterr().out
+    assert "16777216-byte pieces (profile v1)" in shown and "--piece-size" in shown
+    assert result.checkpoint_id not in shown  # a test-profile checkpoint: another id
+    piece = "4096"  # given, it is used as is
     capsys.readouterr()
     assert main(["verify-folder", str(result.out), "--piece-size", piece,
                  "--expect", result.checkpoint_id]) == 0
