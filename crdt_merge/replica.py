@@ -304,8 +304,9 @@ class Replica:
 
     # -- applying ops -------------------------------------------------------------------------
 
-    def stage(self, data: bytes) -> Op:
-        """Check an incoming op's encoding, structure and project, and stage it.
+    def stage(self, data: bytes, source: str = "") -> Op:
+        """Check an incoming op's encoding, structure and project, and stage it (from
+        ``source``, for fair eviction).
 
         Raises:
             NonCanonicalEncoding, SchemaError, WrongProject.
@@ -314,7 +315,7 @@ class Replica:
         if op.project != self.genesis_id:
             raise WrongProject(self.genesis_id, op.project)
         if op.id not in self.ops():
-            self.store.stage_op(op.id, op.data, self.staging)
+            self.store.stage_op(op.id, op.data, self.staging, source=source)
         return op
 
     def staged(self) -> list[Op]:
@@ -364,11 +365,13 @@ class Replica:
             valid[op.id] = op
         return valid
 
-    def receive(self, ops: Iterable[bytes]) -> CommitReport:
+    def receive(self, ops: Iterable[bytes], source: str = "") -> CommitReport:
         """Take in ops from elsewhere (a push, a pull, a filesystem peer): every op is
         decoded and checked for its project first, and one malformed op refuses them all
-        (nothing is staged); then all are staged and every staged op that can be is
-        committed.
+        (nothing is staged); then, in ONE store transaction, the greatest self-supporting
+        set of them and of the staged ops joins the state and the rest of them is staged
+        (``source`` names where they came from, for fair eviction: :class:`StagingLimits`).
+        A crash leaves the whole of it or none (:meth:`commit_staged`).
 
         Raises:
             NonCanonicalEncoding, SchemaError, WrongProject.
@@ -379,10 +382,7 @@ class Replica:
                 raise WrongProject(self.genesis_id, op.project)
         held = self.ops()
         already = sorted({op.id for op in decoded if op.id in held})
-        for op in decoded:
-            if op.id not in held:
-                self.stage(op.data)
-        report = self.commit_staged()
+        report = self._join([op for op in decoded if op.id not in held], source)
         report.already = already
         return report
 
@@ -404,27 +404,31 @@ class Replica:
     def commit_staged(self) -> CommitReport:
         """Commit every staged op that is valid and whose references and objects are held;
         drop the ones that can never be valid (bad signature, bad clock, not a manifest).
+        The ops that join, join in one store transaction (:meth:`_join`)."""
+        return self._join([], "")
 
-        Validity is checked first for the staged ops whose references are held or are
-        themselves valid staged ops; then they are committed in ``(clock, op id)`` order when
-        their objects are held. A contribution that a valid retract by its own member (held
-        or among those staged ops) retracts joins without its objects, although that retract
-        names it in its causal past and so can only join after it.
+    def _join(self, incoming: list[Op], source: str, stage: bool = True) -> CommitReport:
+        """Join the greatest self-supporting set of the staged ops and ``incoming`` in one
+        store transaction, staging (with ``stage``) the incoming ops that cannot join yet.
+
+        Validity is checked first for the ops whose references are held or are themselves
+        valid ops of the batch; the ops that join are the greatest set of those whose every
+        op has its references held or in the set and its objects held, or a binding retract
+        by its own member held or in the set (:func:`opset.self_retracted`; a retract and
+        its target support each other, an op that cannot join drops what relies on it).
+        They are written in ``(clock, op id)`` order in one transaction that checks every
+        object row, so a crash leaves all of them or none.
         """
-        report = CommitReport()
         with self._lock:
-            pending = {op.id: op for op in self.staged()}
-            progress = True
-            while progress and pending:
-                progress = False
+            for _ in range(3):  # again when objects were lost between the check and the write
+                report = CommitReport()
                 held = self.ops()
+                pending = {op.id: op for op in self.staged()}
+                fresh = {op.id: op for op in incoming if op.id not in held and op.id not in pending}
+                pending.update(fresh)
                 valid = self._verify_staged(pending.values(), report)
                 for op_id in report.rejected:
                     pending.pop(op_id, None)
-                # the valid ops that can join together: the greatest set whose every op has
-                # its references held or in the set, and its objects held or an effective
-                # retract by its own member held or in the set (a retract and its target
-                # support each other; an op that cannot join drops what relies on it)
                 ready = dict(valid)
                 changed = True
                 while changed:
@@ -447,28 +451,35 @@ class Replica:
                             del ready[op.id]
                             changed = True
                 retracted = opset.self_retracted([*held.values(), *ready.values()])
-                for op in opset.topological(ready.values()):
-                    try:
-                        objects = self.closure(self.objects_needed(op, retracted))
-                        self.store.insert_op(op.id, op.kind, op.site, op.clock, op.data, objects)
-                    except (IncompleteOp, PieceCorrupt, PieceMissing):
-                        continue  # objects lost meanwhile: wanted again
-                    except CrdtMergeError as exc:
-                        self.store.unstage_op(op.id)
-                        report.rejected[op.id] = exc
-                    else:
-                        report.committed.append(op.id)
-                        progress = True
-                    del pending[op.id]
+                waiting = [op for op in fresh.values()
+                           if op.id not in ready and op.id not in report.rejected]
+                try:
+                    rows = [(op.id, op.kind, op.site, op.clock, op.data,
+                             self.closure(self.objects_needed(op, retracted)))
+                            for op in opset.topological(ready.values())]
+                    report.committed = self.store.join_ops(
+                        rows, [(op.id, op.data) for op in waiting] if stage else [],
+                        source, self.staging)
+                except (IncompleteOp, PieceCorrupt, PieceMissing):
+                    continue  # objects lost meanwhile (wanted again): decide again
+                report.waiting = sorted(set(pending) - set(ready))
+                return report
+            # objects kept vanishing under us: stage what came, commit nothing now
+            if stage:
+                self.store.join_ops([], [(op.id, op.data) for op in fresh.values()], source,
+                                    self.staging)
             report.waiting = sorted(pending)
-        return report
+            return report
 
     def apply(self, data: bytes) -> OpId:
-        """Stage and commit one op; raise why when it cannot join the set now."""
-        op = self.stage(data)
+        """Commit one op (with the staged ops it completes); raise why when it cannot join
+        the set now (it is not left staged)."""
+        op = opmod.decode(data)
+        if op.project != self.genesis_id:
+            raise WrongProject(self.genesis_id, op.project)
         if op.id in self.ops():
             return op.id
-        report = self.commit_staged()
+        report = self._join([op], "", stage=False)
         if op.id in report.rejected:
             raise report.rejected[op.id]
         if op.id not in self.ops():

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from crdt_merge import ENGINE
 from crdt_merge.errors import SchemaError
 from crdt_merge.sync import reconcile, wire
-from crdt_merge_server.auth import ADMIN, CONTRIBUTE, READ
+from crdt_merge_server.auth import ADMIN, CONTRIBUTE, READ, SITE_KEY
 from crdt_merge_server.bodies import read_body, reply
 from crdt_merge_server.service import Service
 
@@ -117,7 +117,12 @@ async def push_ops(request: Request) -> Response:
         raw = wire.decode_map(body, {"ops": list})["ops"]
         if not all(isinstance(data, bytes) for data in raw):
             raise SchemaError("ops must be byte strings (each op's canonical msgpack)")
-        report = service.replica.receive(raw)
+        # staged as coming from the token's site (or the client address): a flood from one
+        # source evicts its own staged ops, never another's (StagingLimits)
+        site = request.scope.get(SITE_KEY)
+        source = (f"push:{site}" if site else
+                  f"push:{request.client.host if request.client else 'unknown'}")
+        report = service.replica.receive(raw, source=source)
         return {"committed": report.committed, "already": report.already,
                 "waiting": report.waiting,
                 "rejected": {k: {"code": v.code, "detail": v.detail}

@@ -53,6 +53,11 @@ FORMS = ("full", "delta", "adapter")
 MAX_DEPS = 256
 #: largest op encoding: every op fits in any request a server accepts
 MAX_OP_BYTES = 256 * 1024
+#: an op holds at most ``len(op) // OP_MIN_ITEM_BYTES + OP_ITEM_SLACK`` array elements and
+#: map pairs (each array and map counts one more): its own element budget, whatever
+#: message carries it, so decoding an op costs a bounded multiple of its size (formats.md 6)
+OP_MIN_ITEM_BYTES = 4
+OP_ITEM_SLACK = 16
 
 #: protocol profiles: name -> piece size in bytes
 PROFILES = {"v1": 16 * 1024 * 1024, "test": 4096}
@@ -289,7 +294,7 @@ def decode(data: bytes) -> Op:
     """
     if len(data) > MAX_OP_BYTES:
         raise _bad(f"{len(data)} bytes; an op is at most {MAX_OP_BYTES}")
-    body = codec.decode(data)
+    body = codec.decode(data, max_items=len(data) // OP_MIN_ITEM_BYTES + OP_ITEM_SLACK)
     check_structure(body)
     return Op(OpId(digest(data)), bytes(data), body)
 

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS ops (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, site TEXT NOT NULL,
     clock INTEGER NOT NULL, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS staged (
-    id TEXT PRIMARY KEY, data BLOB NOT NULL, staged_at REAL NOT NULL DEFAULT 0) WITHOUT ROWID;
+    id TEXT PRIMARY KEY, data BLOB NOT NULL, staged_at REAL NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT '') WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS bad_ops (id TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS objects (id TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS wanted (id TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -49,6 +50,8 @@ class Index:
         columns = {r[1] for r in self._conn.execute("PRAGMA table_info(staged)")}
         if "staged_at" not in columns:  # a replica made before staging had an age
             self._conn.execute("ALTER TABLE staged ADD COLUMN staged_at REAL NOT NULL DEFAULT 0")
+        if "source" not in columns:  # ... or a source
+            self._conn.execute("ALTER TABLE staged ADD COLUMN source TEXT NOT NULL DEFAULT ''")
         self._version = -1
 
     def close(self) -> None:
@@ -146,26 +149,51 @@ class Index:
     def insert_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes,
                   objects: Iterable[str], before_commit: Callable[[], None] = lambda: None
                   ) -> bool:
-        """Commit an op row once all its objects are held (checked in the same transaction);
-        ``before_commit`` runs just before the row is written. Returns False when the op
-        was already held.
+        """Commit one op row once all its objects are held (:meth:`join_ops`). Returns
+        False when the op was already held.
 
         Raises:
             IncompleteOp: an object is not held.
         """
-        objects = sorted(set(objects))
+        return bool(self.join_ops([(op_id, kind, site, clock, data, objects)], [], 0.0,
+                                  None, before_commit))
+
+    def join_ops(self, rows: Iterable[tuple[str, str, str, int, bytes, Iterable[str]]],
+                 stage: Iterable[tuple[str, bytes, str]], now: float,
+                 bounds: tuple[int, int, float] | None,
+                 before_commit: Callable[[], None] = lambda: None,
+                 after_first: Callable[[], None] = lambda: None) -> list[str]:
+        """In ONE transaction: commit the op rows ``(id, kind, site, clock, data,
+        objects)`` whose objects are all held (checked in the transaction), then stage the
+        ``(id, data, source)`` rows and evict to ``bounds`` (max ops, bytes, age). A crash
+        leaves all of it or none. ``before_commit`` runs before the first row is written,
+        ``after_first`` after it. Returns the ids committed (not held before).
+
+        Raises:
+            IncompleteOp: an object of a row is not held; nothing is written.
+        """
+        new: list[str] = []
+        stage = list(stage)
         with self.write() as c:
-            if c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
-                c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
-                return False
-            missing = [o for o in objects
-                       if not c.execute("SELECT 1 FROM objects WHERE id = ?", (o,)).fetchone()]
-            if missing:
-                raise IncompleteOp(op_id, missing)
             before_commit()
-            c.execute("INSERT INTO ops VALUES (?, ?, ?, ?, ?)", (op_id, kind, site, clock, data))
-            c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
-        return True
+            for op_id, kind, site, clock, data, objects in rows:
+                if c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
+                    c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+                    continue
+                missing = [o for o in sorted(set(objects))
+                           if not c.execute("SELECT 1 FROM objects WHERE id = ?", (o,)).fetchone()]
+                if missing:
+                    raise IncompleteOp(op_id, missing)
+                c.execute("INSERT INTO ops VALUES (?, ?, ?, ?, ?)", (op_id, kind, site, clock, data))
+                c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
+                new.append(op_id)
+                if len(new) == 1:
+                    after_first()
+            if stage:
+                self.stage_rows(c, stage, now)
+            if bounds is not None:
+                self.evict(c, now, *bounds)
+        return new
 
     def op_rows(self) -> list[tuple[str, bytes]]:
         return self.query("SELECT id, data FROM ops ORDER BY id")
@@ -194,35 +222,57 @@ class Index:
     # -- staged ops -----------------------------------------------------------------------
 
     def stage(self, op_id: str, data: bytes, now: float, max_ops: int, max_bytes: int,
-              max_age: float) -> list[str]:
-        """Stage an op (unless it is committed) and evict to the bounds: rows older than
-        ``max_age`` seconds first, then the oldest until at most ``max_ops`` rows of at most
-        ``max_bytes`` bytes remain. Returns the ids evicted (the new one among them when
-        it alone is over the bounds)."""
+              max_age: float, source: str = "") -> list[str]:
+        """Stage an op (unless it is committed) and evict to the bounds (:meth:`evict`).
+        Returns the ids evicted (the new one among them when it is the one to go)."""
         with self.write() as c:
+            self.stage_rows(c, [(op_id, data, source)], now)
+            return self.evict(c, now, max_ops, max_bytes, max_age)
+
+    @staticmethod
+    def stage_rows(c: sqlite3.Connection, rows: Iterable[tuple[str, bytes, str]],
+                   now: float) -> None:
+        """Stage ``(op id, data, source)`` rows that are not committed, inside ``c``'s
+        transaction (a row staged already keeps its age and source)."""
+        for op_id, data, source in rows:
             if not c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
-                c.execute("INSERT OR IGNORE INTO staged VALUES (?, ?, ?)", (op_id, data, now))
-            return self._evict(c, now, max_ops, max_bytes, max_age)
+                c.execute("INSERT OR IGNORE INTO staged VALUES (?, ?, ?, ?)",
+                          (op_id, data, now, source))
 
     def evict_staged(self, now: float, max_ops: int, max_bytes: int,
                      max_age: float) -> list[str]:
         with self.write() as c:
-            return self._evict(c, now, max_ops, max_bytes, max_age)
+            return self.evict(c, now, max_ops, max_bytes, max_age)
 
     @staticmethod
-    def _evict(c: sqlite3.Connection, now: float, max_ops: int, max_bytes: int,
-               max_age: float) -> list[str]:
-        rows = c.execute("SELECT id, length(data), staged_at FROM staged "
-                         "ORDER BY staged_at DESC, id DESC").fetchall()
-        keep_count = keep_bytes = 0
-        doomed = []
-        for op_id, size, staged_at in rows:
-            if (staged_at < now - max_age or keep_count + 1 > max_ops
-                    or keep_bytes + size > max_bytes):
-                doomed.append(op_id)
-                continue
-            keep_count += 1
-            keep_bytes += size
+    def evict(c: sqlite3.Connection, now: float, max_ops: int, max_bytes: int,
+              max_age: float) -> list[str]:
+        """Evict staged rows older than ``max_age`` seconds; then, while more than
+        ``max_ops`` rows or ``max_bytes`` bytes remain, the newest row of the source that
+        holds the most (rows when over the count, bytes when over the bytes; ties: the
+        greatest source name). A source flooding junk thus evicts its own rows, never
+        another source's while it holds more than they do (specs/sync.md)."""
+        rows = c.execute("SELECT id, length(data), staged_at, source FROM staged "
+                         "ORDER BY staged_at, id").fetchall()
+        doomed = [r[0] for r in rows if r[2] < now - max_age]
+        rows = [r for r in rows if r[2] >= now - max_age]
+        by_source: dict[str, list[tuple[str, int]]] = {}
+        for op_id, size, _, source in rows:  # oldest first
+            by_source.setdefault(source, []).append((op_id, size))
+        count = len(rows)
+        nbytes = sum(r[1] for r in rows)
+        used = {s: [len(v), sum(n for _, n in v)] for s, v in by_source.items()}
+        while count > max_ops or nbytes > max_bytes:
+            axis = 0 if count > max_ops else 1
+            source = max(used, key=lambda s: (used[s][axis], s))
+            op_id, size = by_source[source].pop()  # its newest
+            used[source][0] -= 1
+            used[source][1] -= size
+            if not by_source[source]:
+                del used[source]
+            doomed.append(op_id)
+            count -= 1
+            nbytes -= size
         c.executemany("DELETE FROM staged WHERE id = ?", [(i,) for i in doomed])
         return doomed
 
@@ -232,6 +282,10 @@ class Index:
 
     def staged_rows(self) -> list[tuple[str, bytes]]:
         return self.query("SELECT id, data FROM staged ORDER BY id")
+
+    def staged_sources(self) -> dict[str, str]:
+        """Staged op id -> the source that staged it ("" when none was named)."""
+        return dict(self.query("SELECT id, source FROM staged ORDER BY id"))
 
     def staged_count(self) -> int:
         return int(self.query("SELECT count(*) FROM staged")[0][0])

@@ -42,8 +42,10 @@ _SPLIT_HASHES = _IO_THREADS < (os.cpu_count() or 1)
 @dataclass(frozen=True)
 class StagingLimits:
     """Bounds on ops staged but not committed (not yet verifiable, or waiting for objects).
-    Past them the oldest are evicted: an honest op evicted is fetched again by the next
-    sync (it is neither held nor staged), junk is simply gone (specs/sync.md)."""
+    Past the age, the old are evicted; past the count or bytes, the newest of the source
+    that staged the most (:meth:`Index.evict`): a flood evicts itself. An honest op evicted
+    is fetched again by the next sync (it is neither held nor staged), junk is simply gone
+    (specs/sync.md)."""
 
     max_ops: int = 10_000
     max_bytes: int = 16 << 20
@@ -301,22 +303,38 @@ class LocalStore:
 
     def insert_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes,
                   objects: Iterable[str]) -> bool:
-        """Commit an op row once all its objects are held (checked in the same transaction).
-
-        Returns False when the op was already held.
+        """Commit one op row once all its objects are held (:meth:`join_ops`). Returns
+        False when the op was already held.
 
         Raises:
             IncompleteOp: an object is not held.
         """
-        return self.index.insert_op(op_id, kind, site, clock, data, objects,
-                                    before_commit=lambda: crashpoint("op.before_commit"))
+        return bool(self.join_ops([(op_id, kind, site, clock, data, objects)]))
+
+    def join_ops(self, rows: Sequence[tuple[str, str, str, int, bytes, Iterable[str]]],
+                 stage: Sequence[tuple[str, bytes]] = (), source: str = "",
+                 limits: StagingLimits | None = None, now: float | None = None) -> list[str]:
+        """Commit op rows ``(id, kind, site, clock, data, objects)`` and stage the ops of
+        ``stage`` (``(id, data)``, from ``source``) in ONE transaction
+        (:meth:`Index.join_ops`): a crash leaves all of it or none. Returns the ids
+        committed now (not held before).
+
+        Raises:
+            IncompleteOp: an object of a row is not held; nothing is written.
+        """
+        limits = limits or StagingLimits()
+        return self.index.join_ops(
+            rows, [(i, d, source) for i, d in stage], time.time() if now is None else now,
+            (limits.max_ops, limits.max_bytes, limits.max_age),
+            before_commit=lambda: crashpoint("op.before_commit"),
+            after_first=lambda: crashpoint("ops.after_first_insert"))
 
     def stage_op(self, op_id: str, data: bytes, limits: StagingLimits | None = None,
-                 now: float | None = None) -> list[str]:
+                 now: float | None = None, source: str = "") -> list[str]:
         """Stage an op within ``limits``; returns the ids evicted to stay within them."""
         limits = limits or StagingLimits()
         return self.index.stage(op_id, data, time.time() if now is None else now,
-                                limits.max_ops, limits.max_bytes, limits.max_age)
+                                limits.max_ops, limits.max_bytes, limits.max_age, source)
 
     def evict_staged(self, limits: StagingLimits | None = None,
                      now: float | None = None) -> list[str]:

@@ -74,6 +74,7 @@ class HttpPeer(Peer):
                  timeout: float = 60.0, transport: httpx.BaseTransport | None = None,
                  ca: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.source = f"pull:{self.url}"
         # https: the server's certificate is checked against ``ca`` (a PEM bundle), else
         # against the system's trusted roots
         verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=ca) if ca

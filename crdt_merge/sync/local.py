@@ -16,6 +16,7 @@ class LocalPeer(Peer):
 
     def __init__(self, replica: Replica) -> None:
         self.replica = replica
+        self.source = f"pull:{replica.path}"
         self._owned = False
         self.objects_served = 0
         self.objects_received = 0
@@ -55,4 +56,4 @@ class LocalPeer(Peer):
         return peer
 
     def put_ops(self, ops: Sequence[bytes]) -> list[str]:
-        return self.replica.receive(ops).committed
+        return self.replica.receive(ops, source="push:local").committed

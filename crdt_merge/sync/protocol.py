@@ -58,6 +58,9 @@ class Peer:
 
     #: True when :meth:`reconcile` answers reconciliation messages
     reconciles = False
+    #: what ops pulled from this peer are staged as coming from (fair eviction,
+    #: :class:`~crdt_merge.store.local.StagingLimits`)
+    source = "pull"
 
     def state(self) -> PeerState:
         raise NotImplementedError
@@ -270,7 +273,7 @@ def _pull(replica: Replica, peer: Peer, state: PeerState, difference: _Differenc
             raise PeerError(f"peer sent {len(got)} of the {len(want)} ops asked for")
         # committed first, so that what decides the fetches below is verified: the
         # membership ops, retracts and complete ops among them join the set now
-        replica.receive(received)
+        replica.receive(received, source=peer.source)
         stats.ops_received += len(received)
     # only ops that verify decide which objects to fetch (a relay's junk decides nothing)
     manifest_ids = manifests_needed(replica.pending(), replica.ops().values())

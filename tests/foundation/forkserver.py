@@ -12,6 +12,7 @@ Jobs (``action``):
                 then contribute it: {"dir", "seed"}
     contribute  ``count`` such contributions one after another: {"dir", "seed", "count"}
     pull        pull into {"dir"} from the replica at {"source"}
+    receive     ``Replica.receive`` the ops of {"batch"} (a JSON file: a list of hex op bytes)
 
 Models are built from BLAKE3 output, not torch: a child never runs torch code.
 """
@@ -80,6 +81,9 @@ def run(job: dict) -> None:
         elif job["action"] == "contribute":
             for i in range(job["count"]):
                 r.contribute(write_model(r, job["seed"] + i), label=f"seed {job['seed'] + i}")
+        elif job["action"] == "receive":
+            batch = json.loads(open(job["batch"]).read())
+            r.receive([bytes.fromhex(h) for h in batch])
         elif job["action"] == "pull":
             with Replica.open(job["source"]) as source:
                 pull(r, LocalPeer(source))

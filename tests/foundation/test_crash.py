@@ -4,6 +4,7 @@ the replica is next opened; and doing the same work again succeeds."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from pathlib import Path
@@ -26,6 +27,7 @@ CRASH_POINTS = {
     "piece.after_rename": False,   # whole, verified file in objects/, not yet indexed
     "piece.before_index": False,   # same, after the directory fsync
     "op.before_commit": False,     # inside the SQLite transaction that inserts the op
+    "ops.after_first_insert": False,  # same, one op row written, the rest of the batch not
 }
 
 
@@ -120,3 +122,51 @@ def test_a_new_replica_has_every_fan_out_folder_so_writes_make_none(tmp_path, mo
     assert len({i[:2] for i in ids}) > 30 and made == []
     assert objects.ObjectFiles(tmp_path / "r").exists(ids[0])
     r.close()
+
+
+@pytest.mark.parametrize("point", ["op.before_commit", "ops.after_first_insert", None])
+def test_a_received_batch_joins_whole_or_not_at_all(forks, tmp_path, point):
+    """A batch of ops that join together (an admit, recipes and a contribution whose
+    objects are here, a retract, and one op that must wait) is received by a process
+    SIGKILLed inside the join: afterwards the replica holds all of the batch's joinable ops
+    or none of them, passes fsck, and receiving the batch again joins it all."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with new_project(src) as a, join(dst, a.genesis_bytes(), "bob") as b:
+        genesis = a.genesis_id
+        b_key = b.public_key
+    assert forks.run({"action": "write", "dir": src, "seed": 1})[0]["exit"] == 0
+    with Replica.open(src) as a, Replica.open(dst) as b:
+        a.admit("bob", b_key)
+        for i in range(4):
+            a.set_recipe("linear", {"n": i})
+        c = next(op for op in a.ops().values() if op.kind == "contribute")
+        a.retract([c.id])
+        batch = [a.get_op(i).data for i in a.op_ids() if i != genesis]
+        joinable = {i for i in a.op_ids() if i != genesis}
+    # one more op that cannot join at dst (its contribution's objects are not there)
+    assert forks.run({"action": "write", "dir": src, "seed": 2})[0]["exit"] == 0
+    with Replica.open(src) as a:
+        late = next(op for op in a.ops().values() if op.kind == "contribute"
+                    and op.id not in joinable)
+        batch.append(late.data)
+    assert len(joinable) >= 7
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps([d.hex() for d in reversed(batch)]))
+
+    [result] = forks.run({"action": "receive", "dir": dst, "batch": path, "crash_at": point})
+    if point is None:
+        assert result["exit"] == 0, forks.errors()
+    else:
+        assert result["signal"] == signal.SIGKILL, (result, forks.errors())
+    check_invariants(dst)
+    with Replica.open(dst) as b:
+        held = set(b.op_ids()) - {genesis}
+        assert held in (set(), joinable), (point, len(held), len(joinable))
+        assert held == (joinable if point is None else set())
+        staged = {i for i, _ in b.store.staged_rows()}
+        assert staged == ({late.id} if point is None else set())
+    assert forks.run({"action": "receive", "dir": dst, "batch": path})[0]["exit"] == 0
+    check_invariants(dst)
+    with Replica.open(dst) as b:
+        assert set(b.op_ids()) - {genesis} == joinable
+        assert [i for i, _ in b.store.staged_rows()] == [late.id]

@@ -22,6 +22,7 @@ import msgpack
 import pytest
 
 from crdt_merge import codec, maintenance
+from crdt_merge.crdt import ops as opmod
 from crdt_merge.errors import PeerError
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
@@ -78,6 +79,74 @@ def test_staged_junk_is_bounded_over_http(tmp_path: Path) -> None:
         server.stop()
         a.close()
         c.close()
+
+
+HONEST = "alpha-token-0123456789"
+
+
+def test_a_flood_of_staged_junk_does_not_evict_an_honest_staged_op(tmp_path: Path) -> None:
+    """alpha pushes a contribution op to C before its objects (it stays staged, waiting);
+    then a keyless relay, with its own contribute token, pushes 300 forged ops that can
+    never be verified, six times what C may stage. Eviction takes the newest ops of the
+    source holding the most (the relay), so alpha's op survives, and joins when its
+    objects arrive: no second sync of the op is needed. Oldest-first eviction dropped it."""
+    a = new_project(tmp_path / "a")
+    c = join(tmp_path / "c", a.genesis_bytes(), "gamma")
+    target = contribute(a, 1)
+    sync(c, LocalPeer(a))
+    c.close()
+    honest = a.get_op(contribute(a, 2))  # c lacks only this op and its objects
+    junk = [op.data for op in forged_retracts(a, target, tmp_path / "scratch", 300)]
+    (tmp_path / "tokens").write_text(TOKENS + f"alpha contribute {HONEST}\n")
+    server = ServerProcess(c.path, "--token-file", str(tmp_path / "tokens"),
+                           env={"CRDT_MERGE_MAX_STAGED_OPS": "50",
+                                "CRDT_MERGE_MAX_STAGED_BYTES": str(64 << 10)}).wait_ready()
+    try:
+        r = httpx.post(server.url + "/v1/ops", headers=headers(HONEST),
+                       content=codec.encode({"ops": [honest.data]}))
+        assert r.status_code == 200 and codec.decode(r.content)["waiting"] == [honest.id]
+        for i in range(0, 300, 30):
+            r = httpx.post(server.url + "/v1/ops", headers=headers(WRITER),
+                           content=codec.encode({"ops": junk[i:i + 30]}))
+            assert r.status_code == 200, r.text
+        with Replica.open(c.path) as view:
+            staged = {i for i, _ in view.store.staged_rows()}
+            assert 0 < len(staged) <= 50
+            assert honest.id in staged  # the relay evicted its own ops, never alpha's
+            assert view.store.index.staged_sources()[honest.id] == "push:alpha"
+        with HttpPeer(server.url, HONEST) as peer:
+            sync(a, peer)  # the objects: C lacks only them; the op is there
+        assert httpx.get(server.url + "/v1/state", headers=headers(READER)).status_code == 200
+        with Replica.open(c.path) as view:
+            assert honest.id in view.ops()
+            assert view.state_root() == a.state_root()
+    finally:
+        server.stop()
+        a.close()
+
+
+def test_eviction_takes_the_newest_of_the_greatest_source(tmp_path: Path) -> None:
+    """The rule itself, on one replica: rows staged from three sources over the count
+    bound; the source with the most loses its newest rows until the bound holds, and a
+    source at or under every other's count keeps all of its rows."""
+    a = new_project(tmp_path / "a")
+    target = contribute(a, 1)
+    ops = forged_retracts(a, target, tmp_path / "scratch", 14)
+    limits = StagingLimits(max_ops=8)
+    t = time.time()
+    plan = [("relay", 10), ("bob", 3), ("carol", 1)]
+    n = 0
+    for source, count in plan:
+        for _ in range(count):
+            a.store.stage_op(ops[n].id, ops[n].data, StagingLimits(), now=t + n, source=source)
+            n += 1
+    evicted = a.store.evict_staged(limits, now=t + n)
+    # 14 rows, 8 allowed: the relay goes from 10 to 4 (its 6 newest), then bob (3) and the
+    # relay (4) ... the relay stays the greatest until the count holds
+    assert evicted == [op.id for op in reversed(ops[4:10])]
+    left = a.store.index.staged_sources()
+    assert sorted(left.values()) == ["bob"] * 3 + ["carol"] + ["relay"] * 4
+    a.close()
 
 
 def test_staged_ops_past_their_age_are_evicted(tmp_path: Path) -> None:
@@ -279,3 +348,55 @@ def test_local_peer_roundtrip_still_moves_everything(tmp_path: Path) -> None:
     assert c.state_root() == a.state_root()
     a.close()
     c.close()
+
+
+def _tiny_element_ops(replica: Replica, count: int, per_element: int) -> list[bytes]:
+    """``count`` ops of nearly 256 KiB that decode to a structurally valid recipe (its
+    signature random, its member op nobody's) whose params hold one empty array per ``per_element`` bytes, the
+    rest of the bytes in long strings: made by hand (the library refuses to build them)."""
+    out = []
+    for n in range(count):
+        body = replica.new_body("recipe", method="linear", params={})
+        body["member"] = digest(b"nobody %d" % n)
+        empties = (opmod.MAX_OP_BYTES - 2048) // per_element * 15 // 16  # just within
+        pad = (opmod.MAX_OP_BYTES - 2048 - empties) // 4099
+        body["params"] = {"pad": ["x" * 4096] * pad, "x": [[]] * empties}
+        body["sig"] = os.urandom(64)  # nobody checks it before the budget: any 64 bytes
+        # msgpack-python writes what the canonical encoder would (sorted keys, shortest
+        # forms), in C: the library's encoder would take minutes over 8M elements
+        data = msgpack.packb(dict(sorted(body.items())), use_bin_type=True)
+        assert len(data) <= opmod.MAX_OP_BYTES
+        out.append(data)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_ops_of_tiny_elements_in_a_push_cost_a_small_multiple_of_their_size(
+        tmp_path: Path) -> None:
+    """A contribute-token holder pushes 32 ops of nearly 256 KiB whose params are empty
+    arrays (one byte each). Each op decodes under its own element budget, one element per
+    4 bytes of the op, an array counting its elements and itself (specs/formats.md 6), so
+    at most one empty array per 8 bytes: an op of one-byte elements is refused at once
+    (peak RSS of the real server grows by at most 6x the body, the body's own copies; it
+    was 77x, and the ops were staged), and ops right at the budget cost at most 20x."""
+    replica = new_project(tmp_path / "r")
+    (tmp_path / "tokens").write_text(TOKENS)
+    server = ServerProcess(replica.path, "--token-file", str(tmp_path / "tokens")).wait_ready()
+    try:
+        pid = server.proc.pid
+        for per_element, status, multiple in ((1, 400, 6), (8, 200, 20)):
+            body = codec.encode({"ops": _tiny_element_ops(replica, 32, per_element)})
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak to the current
+            before = peak_rss(pid)
+            r = httpx.post(server.url + "/v1/ops", headers=headers(WRITER), content=body,
+                           timeout=120)
+            grown = peak_rss(pid) - before
+            print(f"one element per {per_element} bytes: HTTP {r.status_code}, peak RSS "
+                  f"+{grown / len(body):.2f}x the {len(body)} byte body")
+            assert r.status_code == status, (per_element, r.status_code, r.text[:300])
+            if status == 400:
+                assert r.json()["code"] == "non_canonical"
+            assert grown <= multiple * len(body), (per_element, grown / len(body))
+    finally:
+        server.stop()
+        replica.close()

@@ -421,7 +421,7 @@ class Simulation:
         forged = opmod.sign(body, key)
         self.junk.add(forged.id)
         try:
-            r.receive([forged.data])
+            r.receive([forged.data], source="relay")
         except CrdtMergeError as exc:  # refused outright: fine as well
             self.note(f"relay junk at {victim}: refused ({exc.code})")
             return

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 from crdt_merge.crdt import ops as opmod
-from crdt_merge.crdt.ops import Op
-from crdt_merge.replica import Replica
+from crdt_merge.replica import CommitReport, Replica
 
 from .run import scratch
 from .simulation import Outcome, SimulationFailed, run_seed
@@ -65,15 +65,14 @@ def test_a_seed_replays_exactly(seed: int) -> None:
 def test_a_replica_that_loses_ops_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sabotage: every replica silently discards incoming retract ops. The simulation must
     fail, naming the seed, with the log to replay it."""
-    real_stage = Replica.stage
+    real_receive = Replica.receive
 
-    def stage(self: Replica, data: bytes) -> Op:
-        op = opmod.decode(data)
-        if op.kind == "retract" and op.site != self.site:
-            return op
-        return real_stage(self, data)
+    def receive(self: Replica, ops: Iterable[bytes], source: str = "") -> CommitReport:
+        kept = [d for d in ops if not ((op := opmod.decode(d)).kind == "retract"
+                                       and op.site != self.site)]
+        return real_receive(self, kept, source)
 
-    monkeypatch.setattr(Replica, "stage", stage)
+    monkeypatch.setattr(Replica, "receive", receive)
     with pytest.raises(SimulationFailed) as failed:
         run(1)  # a site retracts its own contribution
     assert failed.value.seed == 1
