@@ -14,7 +14,10 @@ for the folder's tokenizer, computed here from the files alone:
   ``add_space_prefix``: false for gemma3 (as the converter), else tokenizer_config's
   ``add_prefix_space``, else the model's ``add_dummy_prefix``.
 - a byte-level BPE ``tokenizer.json`` (GPT-2 style: Llama 3, SmolLM2, Qwen2):
-  ``tokenizer.ggml.model = "gpt2"``, tokens, types and merges.
+  ``tokenizer.ggml.model = "gpt2"``, tokens, types and merges; ``pre = "default"`` (the
+  converter names llama.cpp's pre-tokenizer by hashing transformers' output, which is not
+  done here), except in a GGUF import, which keeps the file's ``pre`` and
+  ``add_space_prefix``.
 - then, for both, the special token ids (``bos``, ``eos``, ``unk``, ``sep``, ``pad``,
   ``mask``: tokenizer_config's ``<typ>_token`` found among the added tokens, else
   config.json's ``<typ>_token_id``), whether ``bos``/``eos``/``sep`` are added (from
@@ -315,12 +318,16 @@ def tokenizer_metadata(writer: Any, folder: Path, arch: str, config: Mapping[str
     else:
         assert tokenizer is not None
         tokens, types, merges = _bpe_vocab(tokenizer, n_vocab)
+        mark = (tok_config or {}).get(GGUF_MARK)
+        mark = mark if isinstance(mark, dict) else {}
+        pre = mark.get("pre")
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(pre if isinstance(pre, str) and pre else "default")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
-        space = None
+        space = mark.get("add_space_prefix")
+        space = space if isinstance(space, bool) else None
     ids, flags, template = _special(folder, config, len(tokens), tokenizer, tok_config)
     for typ in SPECIAL:
         if typ in ids:
@@ -356,6 +363,12 @@ def keep_gguf_tokenizer(reader: Any, out: Path) -> bool:
     if not isinstance(tokens, list) or not tokens:
         return False
     mark: dict[str, Any] = {}
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if _field(reader, "tokenizer.ggml.model") == "gpt2" and isinstance(pre, str) and pre:
+        mark["pre"] = pre  # llama.cpp's pre-tokenizer name (its converter hashes for it)
+        space = _field(reader, "tokenizer.ggml.add_space_prefix")
+        if isinstance(space, bool):
+            mark["add_space_prefix"] = space
     ids = {typ: _field(reader, f"tokenizer.ggml.{GGUF_ID_KEY[typ]}") for typ in SPECIAL}
     if _field(reader, "tokenizer.ggml.model") == "llama":
         scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
@@ -363,7 +376,7 @@ def keep_gguf_tokenizer(reader: Any, out: Path) -> bool:
         types = [int(t) for t in types]
         unk = ids["unk"]
         if spm.UNKNOWN not in types and isinstance(unk, int) and 0 <= unk < len(types):
-            mark = {"unk_id": unk, "unk_type": types[unk]}  # given back by the export
+            mark.update(unk_id=unk, unk_type=types[unk])  # given back by the export
             types[unk] = spm.UNKNOWN  # SentencePiece needs one
         space = _field(reader, "tokenizer.ggml.add_space_prefix")
         # the converter writes user-defined pieces with spaces where SentencePiece has U+2581

