@@ -68,10 +68,38 @@ def _parser() -> argparse.ArgumentParser:
                         "of data)")
     c.add_argument("--allow-crimes", action="store_true",
                    help="mergekit's mixing of architectures: refused, use cross_family")
-    c.add_argument("--cuda", action="store_true",
-                   help="accepted for mergekit compatibility; changes nothing (CPU, float64)")
-    c.add_argument("--lazy-unpickle", action="store_true",
+    # mergekit-yaml's other options: honoured where they make sense, accepted with a note
+    # where they change nothing here, refused by name where they would change the output
+    c.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bars (as mergekit)")
+    c.add_argument("-j", "--num-threads", type=int, metavar="N", help="the same as --workers")
+    c.add_argument("--transformers-cache", metavar="DIR",
+                   help="the Hugging Face cache to find org/name models in (sets HF_HUB_CACHE)")
+    for flag in ("cuda", "lazy-unpickle", "low-cpu-memory", "read-to-gpu", "multi-gpu",
+                 "async-write", "clone-tensors", "trust-remote-code"):
+        c.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=False,
+                       help="accepted for mergekit compatibility; changes nothing (the merge "
+                            "runs on the CPU in float64, reads safetensors lazily, runs no "
+                            "model code)")
+    c.add_argument("--gpu-rich", action="store_true",
                    help="accepted for mergekit compatibility; changes nothing")
+    c.add_argument("-v", dest="verbose", action="count", default=0,
+                   help="accepted for mergekit compatibility; changes nothing")
+    for flag in ("device", "write-threads", "lora-merge-cache", "lora-merge-dtype"):
+        c.add_argument(f"--{flag}", metavar="VALUE",
+                       help="accepted for mergekit compatibility; changes nothing")
+    c.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="the card is always written (the checkpoint id covers it): "
+                        "--no-write-model-card is refused")
+    c.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction,
+                   default=True, help="the output is always safetensors: "
+                                      "--no-safe-serialization is refused")
+    c.add_argument("--random-seed", type=int, metavar="N",
+                   help="refused: DARE/DELLA masks come from BLAKE3 keyed by the plan (set the "
+                        "recipe's `seed:` parameter in the config instead)")
+    c.add_argument("--unsafe-truncate-embeddings", action="store_true",
+                   help="refused: a vocabulary size that differs from the base's excludes "
+                        "the model (--allow-exclusions merges without it)")
     c.add_argument("--allow-exclusions", action="store_true",
                    help="merge even when a model is excluded (shape, vocabulary, NaN, bad "
                         "parameter); by default that fails")

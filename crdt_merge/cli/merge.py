@@ -7,11 +7,15 @@ checkpoint id, which is the one a replicated project with the same models and re
 resolves. A repeat is instant: the models' pieces are already stored, the ops already
 written, and an ``OUT`` that already holds this plan's checkpoint is left as it is.
 
-mergekit's options that make sense here are taken: ``--copy-tokenizer/--no-copy-tokenizer``,
-``--out-shard-size`` (parameters per shard, ``5B``), ``--allow-crimes`` (refused by name:
-different architectures merge through the ``cross_family`` method), ``--cuda`` and
-``--lazy-unpickle`` (accepted; they change nothing: this engine computes on the CPU in
-float64 and reads safetensors lazily anyway).
+mergekit-yaml's options are taken: honoured where they make sense
+(``--copy-tokenizer/--no-copy-tokenizer``, ``--out-shard-size`` in parameters per shard
+(``5B``), ``--quiet``, ``-j/--num-threads``, ``--transformers-cache``), accepted with a note
+where they change nothing here (``--cuda``, ``--lazy-unpickle``, ``--low-cpu-memory``, the
+GPU and writer options, ``--trust-remote-code``: this engine computes on the CPU in float64,
+reads safetensors lazily and runs no model code), and refused by name where they would
+change what is written (``--allow-crimes``: different architectures merge through the
+``cross_family`` method; ``--no-write-model-card``, ``--no-safe-serialization``,
+``--random-seed``, ``--unsafe-truncate-embeddings``).
 """
 
 from __future__ import annotations
@@ -70,10 +74,32 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
         raise BadParameter("--allow-crimes: merging different architectures with an ordinary "
                            "method is refused; set `merge_method: cross_family` instead, which "
                            "aligns them tensor by tensor")
-    for flag, on in (("--cuda", args.cuda), ("--lazy-unpickle", args.lazy_unpickle)):
-        if on:
-            notes.append(f"{flag} changes nothing here: the merge runs on the CPU in float64 "
-                         "and reads safetensors lazily anyway")
+    for flag, refused, why in (
+            ("--no-write-model-card", not args.write_model_card,
+             "the model card is part of the checkpoint (its id covers it)"),
+            ("--no-safe-serialization", not args.safe_serialization,
+             "the output is always safetensors"),
+            ("--random-seed", args.random_seed is not None,
+             "DARE/DELLA masks come from BLAKE3 keyed by the plan, the same on every machine; "
+             "set the recipe's `seed:` parameter in the config to draw other ones"),
+            ("--unsafe-truncate-embeddings", args.unsafe_truncate_embeddings,
+             "a model whose vocabulary size differs from the base's is excluded (see "
+             "--allow-exclusions), never truncated")):
+        if refused:
+            raise BadParameter(f"{flag} is not supported: {why}")
+    for flag in ("cuda", "lazy_unpickle", "low_cpu_memory", "read_to_gpu", "multi_gpu",
+                 "async_write", "clone_tensors", "trust_remote_code", "gpu_rich", "verbose",
+                 "device", "write_threads", "lora_merge_cache", "lora_merge_dtype"):
+        if getattr(args, flag, None):
+            name = "-v" if flag == "verbose" else f"--{flag.replace('_', '-')}"
+            notes.append(f"{name} changes nothing here: the merge runs on "
+                         "the CPU in float64, reads safetensors lazily and runs no model code")
+    if args.quiet:
+        progress.enable(False)
+    if args.num_threads is not None and args.workers is None:
+        args.workers = args.num_threads
+    if args.transformers_cache:
+        os.environ["HF_HUB_CACHE"] = args.transformers_cache
     draft = load(args.config, own_methods=True)
     shard = 5 * 1024**3
     if args.out_shard_size is not None:
@@ -111,8 +137,11 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
                 for name in TOKENIZER_FILES:
                     (out / name).unlink(missing_ok=True)
         commands.report_exclusions(r, the_plan)
+        where = str(r.store.root) if hasattr(r.store, "root") else None
         text = [f"checkpoint {checkpoint}", f"written to {out}"
                 + (" (already up to date)" if reused else "")]
+        if where:
+            text.append(f"replica {where} (crdt-merge status/plan/resolve work on it)")
         if not args.copy_tokenizer:
             text.append("the tokenizer files were left out (--no-copy-tokenizer); the "
                         "checkpoint id covers the folder with them")

@@ -294,3 +294,32 @@ def test_the_card_lists_hub_repo_ids_and_no_local_path(tiny, tmp_path, capsys,
     code, done, err = run(capsys, "contribute", replica, str(tiny["m2"]), "--weight", "1")
     code, status, _ = run(capsys, "status", replica)
     assert sorted(c["label"] for c in status["contributions"]) == ["acme/tiny-m1", "m2"]
+
+
+def test_merge_takes_mergekit_yamls_other_options(tiny, tmp_path, capsys, monkeypatch) -> None:
+    """Every option of mergekit-yaml is known: honoured (--quiet, -j, --transformers-cache),
+    accepted with a note (GPU, loader and writer options), or refused by name when it would
+    change what is written; the replica's path is printed for status/resolve."""
+    monkeypatch.setenv("CRDT_MERGE_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "linear.yml"
+    config.write_text(yaml.safe_dump(configs(tiny)["linear"]))
+    out = tmp_path / "o"
+    code = main(["merge", str(config), str(out), "--quiet", "-j", "1", "--no-cuda",
+                 "--low-cpu-memory", "--read-to-gpu", "--multi-gpu", "--gpu-rich",
+                 "--async-write", "--write-threads", "2", "--clone-tensors",
+                 "--trust-remote-code", "--device", "cpu", "-v", "--safe-serialization",
+                 "--write-model-card", "--transformers-cache", str(tmp_path / "hub")])
+    shown = capsys.readouterr()
+    assert code == 0, shown.err
+    for flag in ("--low-cpu-memory", "--gpu-rich", "--trust-remote-code", "--device", "-v"):
+        assert f"warning: {flag} changes nothing" in shown.err, flag
+    assert "--cuda changes" not in shown.err  # --no-cuda is mergekit's default: no note
+    assert f"replica {tmp_path / 'cache'}" in shown.out and (out / "README.md").exists()
+    for flags, named in ((["--no-write-model-card"], "--no-write-model-card"),
+                         (["--no-safe-serialization"], "--no-safe-serialization"),
+                         (["--random-seed", "7"], "--random-seed"),
+                         (["--unsafe-truncate-embeddings"], "--unsafe-truncate-embeddings")):
+        code = main(["merge", str(config), str(tmp_path / "refused"), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{named} is not supported" in err, err
+        assert not (tmp_path / "refused").exists()
