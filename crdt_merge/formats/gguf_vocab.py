@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crdt_merge.errors import PlanError
+from crdt_merge.errors import ModelImportError, PlanError
 from crdt_merge.formats import spm
 
 #: the special token types GGUF has keys for, in the order they are written
@@ -205,11 +205,7 @@ def _spm_vocab(folder: Path, n_vocab: int, tokenizer: Mapping[str, Any] | None,
                tok_config: Mapping[str, Any] | None) -> tuple[list[str], list[float], list[int], bool]:
     """Tokens, scores and types of tokenizer.model, padded and overridden by the added
     tokens as the converter does; and the model's ``add_dummy_prefix``."""
-    model = spm.read_model((folder / "tokenizer.model").read_bytes())
-    if model.model_type != 2:
-        raise PlanError(f"tokenizer.model is a SentencePiece {spm.MODEL_TYPES.get(model.model_type, model.model_type)} "
-                        "model: GGUF export writes SentencePiece BPE models only (llama.cpp's "
-                        "'llama' tokenizer merges by score)")
+    model = spm.read_model((folder / "tokenizer.model").read_bytes())  # checked: describe
     if len(model.pieces) > n_vocab:
         raise PlanError(f"tokenizer.model has {len(model.pieces)} pieces, more than the model's "
                         f"vocab_size {n_vocab}")
@@ -269,8 +265,26 @@ def describe_tokenizer(folder: Path, arch: str) -> str:
     Raises:
         PlanError: a tokenizer GGUF export cannot describe, or none; the message names it.
     """
+    try:
+        return _describe(folder, arch)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PlanError(f"GGUF export: the tokenizer files are malformed "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _describe(folder: Path, arch: str) -> str:
     tokenizer = _json(folder / "tokenizer.json")
     if (folder / "tokenizer.model").is_file() and arch in SPM_ARCHS:
+        try:
+            model = spm.read_model((folder / "tokenizer.model").read_bytes())
+        except ModelImportError as exc:
+            raise PlanError(f"GGUF export: {exc.detail}") from None
+        if model.model_type != 2:
+            raise PlanError(
+                f"GGUF export: tokenizer.model is a SentencePiece "
+                f"{spm.MODEL_TYPES.get(model.model_type, model.model_type)} model; GGUF export "
+                "writes SentencePiece BPE models only (llama.cpp's 'llama' tokenizer merges by "
+                "score), or none on purpose: --gguf-no-tokenizer")
         return "llama"
     if tokenizer is not None:
         model = tokenizer.get("model") or {}
@@ -303,6 +317,15 @@ def tokenizer_metadata(writer: Any, folder: Path, arch: str, config: Mapping[str
         PlanError: see :func:`describe_tokenizer`.
     """
     kind = describe_tokenizer(folder, arch)
+    try:
+        return _write_metadata(writer, folder, arch, config, kind)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PlanError(f"GGUF export: the tokenizer files are malformed "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _write_metadata(writer: Any, folder: Path, arch: str, config: Mapping[str, Any],
+                    kind: str) -> str:
     tokenizer = _json(folder / "tokenizer.json")
     tok_config = _json(folder / "tokenizer_config.json")
     n_vocab = int(config["vocab_size"])

@@ -284,3 +284,29 @@ def _template(single: str, pair: str) -> dict:
 def test_add_flags_from_the_post_processor(tokenizer, names, want) -> None:
     from crdt_merge.formats.gguf_vocab import _added_flags
     assert _added_flags(tokenizer, names) == want
+
+
+def test_malformed_tokenizer_files_are_refused_before_writing(tiny_models, tmp_path) -> None:
+    """A checkpoint's tokenizer files come from a contributor: junk in them is a typed
+    error, and no GGUF is written."""
+    folder = _folder(tiny_models, tmp_path, "llama", b"\x0a\x05ab")
+    with pytest.raises(PlanError, match="not a SentencePiece model"):
+        write_gguf(folder, tmp_path / "t.gguf", "f16")
+    (folder / "tokenizer.model").write_bytes(_train())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"not a number": {"content": "<x>"}}}))
+    with pytest.raises(PlanError, match="malformed"):
+        write_gguf(folder, tmp_path / "t.gguf", "f16")
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.json").write_text(json.dumps({"model": ["BPE"], "pre_tokenizer": 3}))
+    with pytest.raises(PlanError, match="malformed"):
+        write_gguf(folder, tmp_path / "t.gguf", "f16")
+    (folder / "tokenizer.json").write_text(json.dumps(
+        {"model": {"type": "BPE", "vocab": {}}, "pre_tokenizer": {"pretokenizers": 3}}))
+    with pytest.raises(PlanError, match="malformed"):
+        write_gguf(folder, tmp_path / "t.gguf", "f16")
+    (folder / "tokenizer.model").write_bytes(_train())
+    (folder / "tokenizer_config.json").write_text("[1, 2")
+    with pytest.raises(PlanError, match="tokenizer_config.json"):
+        write_gguf(folder, tmp_path / "t.gguf", "f16")
+    assert not (tmp_path / "t.gguf").exists()
