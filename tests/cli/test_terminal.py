@@ -164,9 +164,9 @@ def test_ctrl_c_at_each_step_ends_cleanly_and_a_rerun_gives_the_same_result(tmp_
 
 
 def test_the_pause_points_are_armed_only_by_the_cli(tmp_path) -> None:
-    """The test hook is inert outside ``crdt-merge``: the library (here, a contribute
-    through the in-process API with the variable set) never pauses, and a malformed
-    value is refused with one line, not ignored."""
+    """The test hook is inert outside ``crdt-merge``: the library (an import through the
+    in-process API with the variable set) and the server (``crdt-merge serve`` with it set,
+    taking pushes) never pause, and a malformed value is refused with one line."""
     model = small_model(tmp_path / "m", 1152, 3)
     marker = tmp_path / "never"
     code = ("import os, sys; os.environ['CRDT_MERGE_TEST_PAUSE'] = sys.argv[1]\n"
@@ -179,6 +179,28 @@ def test_the_pause_points_are_armed_only_by_the_cli(tmp_path) -> None:
                           timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
+    # a server started with the variable set never pauses: pushes through its write points
+    # (pieces mid-stream, an op's commit) go through, and no marker appears
+    from tests.server.http_helpers import ServerProcess
+
+    served, client = tmp_path / "served", str(tmp_path / "client")
+    assert cli("init", str(served), "--site", "alpha", "--profile", "test").returncode == 0
+    joined = cli("--json", "init", client, "--site", "beta", "--join", str(served))
+    key = json.loads(joined.stdout)["public_key"]
+    assert cli("admit", str(served), "beta", key).returncode == 0
+    assert cli("sync", client, str(served)).returncode == 0
+    for i, point in enumerate(("piece.mid_stream", "op.before_commit")):
+        donor = small_model(tmp_path / f"donor{i}", 64, 10 + i)
+        assert cli("contribute", client, str(donor), "--weight", "1").returncode == 0
+        server = ServerProcess(served, env={PAUSE: f"{point}:{marker}"}).wait_ready()
+        try:
+            done = cli("--json", "sync", client, server.url)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["objects_sent"] > 0
+        finally:
+            server.stop()
+    assert not marker.exists()
+    assert len(ok_json("status", str(served))["contributions"]) == 2
     bad = cli("families", "list", env={**os.environ, PAUSE: "no-marker"})
     assert bad.returncode == 2 and "POINT:MARKER_FILE" in bad.stderr
     assert "Traceback" not in bad.stderr
