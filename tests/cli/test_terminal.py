@@ -110,10 +110,11 @@ def test_ctrl_c_at_each_step_ends_cleanly_and_a_rerun_gives_the_same_result(tmp_
     the replicas intact, and a rerun gives what an uninterrupted run gives."""
     m1 = small_model(tmp_path / "m1", 1152, 1)  # 288 pieces of 4 KiB: two import batches
     m2 = small_model(tmp_path / "m2", 1152, 2)
-    r, peer, ref = (str(tmp_path / n) for n in ("r", "peer", "ref"))
+    r, peer, far, ref = (str(tmp_path / n) for n in ("r", "peer", "far", "ref"))
     for where in (r, ref):
         assert cli("init", where, "--site", "alpha", "--profile", "test").returncode == 0
-    assert cli("init", peer, "--site", "beta", "--join", r).returncode == 0  # holds nothing yet
+    for where in (peer, far):  # they hold nothing yet
+        assert cli("init", where, "--site", "beta", "--join", r).returncode == 0
     reference = ok_json("contribute", ref, str(m1), "--weight", "1")  # uninterrupted
     markers = iter(tmp_path / f"paused-{i}" for i in range(100))
 
@@ -147,6 +148,17 @@ def test_ctrl_c_at_each_step_ends_cleanly_and_a_rerun_gives_the_same_result(tmp_
         done = interrupt_at(point, ["sync", peer, r], next(markers))
         assert_interrupted(done, peer, r)
     synced = ok_json("sync", peer, r)
+    # and over HTTP (a real server on 127.0.0.1), where pieces download on worker threads:
+    # the transfers not yet started are cancelled, the command ends at once
+    from tests.server.http_helpers import ServerProcess
+
+    server = ServerProcess(Path(r)).wait_ready()
+    try:
+        done = interrupt_at("sync.pieces", ["sync", far, server.url], next(markers))
+        assert_interrupted(done, far)
+        assert ok_json("sync", far, server.url)["state_root"] == synced["state_root"]
+    finally:
+        server.stop()
     uninterrupted = tmp_path / "joined"
     assert cli("init", str(uninterrupted), "--site", "gamma", "--join", r).returncode == 0
     assert synced["state_root"] == ok_json("status", r)["state_root"]
