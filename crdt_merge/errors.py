@@ -180,6 +180,21 @@ class NotAReplica(StoreError, FileNotFoundError):
         self.path = path
 
 
+class GenesisCorrupt(StoreError):
+    """The project's genesis op is gone or fails its id in the index, and so does the copy
+    kept beside it (``genesis.op``): the replica cannot open until it is put back."""
+
+    code = "genesis_corrupt"
+
+    def __init__(self, path: str, genesis: str) -> None:
+        super().__init__(
+            f"{path}: the project's genesis op {genesis} is missing or corrupt, in the index "
+            "and in its copy genesis.op; put it back from any member's replica, server or "
+            f"genesis file: `crdt-merge fsck {path} --genesis PEER_OR_FILE`")
+        self.path = path
+        self.genesis = genesis
+
+
 class ReplicaExists(StoreError, FileExistsError):
     code = "replica_exists"
 
@@ -388,7 +403,8 @@ CODES: dict[str, type[CrdtMergeError]] = {cls.code: cls for cls in (
     CrdtMergeError,
     FormatError, NonCanonicalEncoding, SchemaError, BadId, AmbiguousId,
     IntegrityError, HashMismatch, BadSignature,
-    StoreError, PieceMissing, PieceCorrupt, NotAReplica, ReplicaExists, OutputExists,
+    StoreError, PieceMissing, PieceCorrupt, NotAReplica, GenesisCorrupt, ReplicaExists,
+    OutputExists,
     OpError, WrongProject, UnknownSite, NotAuthorized, SiteTaken, LastAdmin, Revoked,
     BadClock, DependencyMissing, OpMissing, IncompleteOp,
     RecipeError, UnknownMethod, BadParameter, UnsupportedFeature,

@@ -108,6 +108,8 @@ def fsck(replica: Replica) -> dict[str, Any]:
         except (PieceCorrupt, PieceMissing):
             corrupt.append(object_id)
     replica.recheck_ops()
+    # a genesis row that failed its id is put back from its copy (GenesisCorrupt without one)
+    restored = replica.check_genesis() or replica.genesis_restored
     bad_ops = replica.quarantined_ops()
     ops = list(replica.ops().values())
     gone = opset.self_retracted(ops)
@@ -118,6 +120,6 @@ def fsck(replica: Replica) -> dict[str, Any]:
         if len(have) < len(needed) or store.missing(replica.closure(have)):
             incomplete.append(op.id)
     return {"objects": len(store.object_ids()) + len(corrupt), "corrupt": corrupt,
-            "bad_ops": bad_ops, "incomplete_ops": incomplete,
+            "bad_ops": bad_ops, "incomplete_ops": incomplete, "genesis_restored": restored,
             "wanted": replica.wanted_objects(),
             "ok": not (corrupt or bad_ops or incomplete)}

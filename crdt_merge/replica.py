@@ -35,6 +35,7 @@ from crdt_merge.crdt.ops import Op
 from crdt_merge.errors import (
     CrdtMergeError,
     DependencyMissing,
+    GenesisCorrupt,
     IncompleteOp,
     NonCanonicalEncoding,
     NotAReplica,
@@ -53,6 +54,23 @@ from crdt_merge.store.local import LocalStore, StagingLimits
 from crdt_merge.store.manifests import Manifest
 
 KEY_FILE = "site.key"
+#: a copy of the genesis op beside the index: a corrupt genesis row is restored from it
+GENESIS_FILE = "genesis.op"
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write a small file whole (temp file, fsync, rename, directory fsync)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -89,9 +107,10 @@ class Replica:
         self._key: Ed25519PrivateKey | None = None
         #: bounds on staged ops (a server sets them from its settings)
         self.staging = StagingLimits()
-        genesis_op = self.get_op(self.genesis_id)
-        if genesis_op is None:
-            raise NotAReplica(str(self.path))
+        #: True when opening (or :meth:`check_genesis`) put the genesis row back from its copy
+        self.genesis_restored = self.check_genesis()
+        genesis_op = self._genesis_from(self.store.op_data(self.genesis_id))
+        assert genesis_op is not None
         self.piece_size: int = genesis_op.body["profile"]["piece_size"]
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -99,6 +118,61 @@ class Replica:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Replica:
         return cls(LocalStore.open(Path(path)))
+
+    def check_genesis(self) -> bool:
+        """Verify the genesis row against the project id (the hash of its bytes). A row that
+        is gone or fails it (a flipped bit) is put back from ``genesis.op``, the copy kept
+        beside the index, when that copy verifies; returns True then. The copy is written
+        when it is missing or differs (a replica made before it existed).
+
+        Raises:
+            GenesisCorrupt: neither the row nor the copy holds the genesis; nothing changed
+                (``crdt-merge fsck DIR --genesis PEER_OR_FILE``: :meth:`repair_genesis`).
+        """
+        copy = self.path / GENESIS_FILE
+        kept = copy.read_bytes() if copy.is_file() else None
+        op = self._genesis_from(self.store.op_data(self.genesis_id))
+        restored = False
+        if op is None:
+            op = self._genesis_from(kept)
+            if op is None:
+                raise GenesisCorrupt(str(self.path), self.genesis_id)
+            self.store.index.restore_op(op.id, op.kind, op.site, op.clock, op.data)
+            restored = True
+        if kept != op.data:
+            _write_durable(copy, op.data)
+        return restored
+
+    def _genesis_from(self, data: bytes | None) -> Op | None:
+        """The genesis op of this project if ``data`` is exactly it, else None."""
+        op = self._verified(self.genesis_id, data) if data is not None else None
+        return op if op is not None and op.kind == "genesis" else None
+
+    @staticmethod
+    def repair_genesis(path: str | os.PathLike[str], genesis: bytes) -> OpId:
+        """Put a replica's genesis back from ``genesis`` (the bytes ``join`` takes, from a
+        file or any member's replica or server) when :class:`GenesisCorrupt` keeps it
+        from opening: the bytes must hash to the project id the replica records and be a
+        validly signed genesis. Writes the row and the copy; returns the project id.
+
+        Raises:
+            NotAReplica; WrongProject: the bytes are another op; NonCanonicalEncoding,
+            SchemaError, BadSignature: they are not a genesis at all.
+        """
+        store = LocalStore.open(Path(path))
+        try:
+            recorded = store.index.get_meta("genesis")
+            if recorded is None:
+                raise NotAReplica(str(path))
+            op = opmod.decode(genesis)
+            if op.id != recorded.decode() or op.kind != "genesis":
+                raise WrongProject(recorded.decode(), op.id)
+            opmod.verify(op, None, lambda _id: None)
+            _write_durable(Path(path) / GENESIS_FILE, op.data)
+            store.index.restore_op(op.id, op.kind, op.site, op.clock, op.data)
+        finally:
+            store.close()
+        return op.id
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], site: str, *, name: str = "merge",
@@ -131,6 +205,7 @@ class Replica:
         if not opmod.SITE_NAME.fullmatch(site):
             raise SchemaError(f"site name {site!r}: use 1-64 of [a-z0-9_.-]")
         store = LocalStore.create(path)
+        _write_durable(path / GENESIS_FILE, genesis.data)
         key_path = path / KEY_FILE
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -568,9 +568,20 @@ def cmd_verify(args: Any) -> tuple[int, Any]:
 
 
 def cmd_fsck(args: Any) -> tuple[int, Any]:
+    repaired = False
+    if args.genesis:  # put the genesis back first (the replica may not open without it)
+        if not is_url(args.genesis) and Path(args.genesis).is_file():
+            data = Path(args.genesis).read_bytes()
+        else:
+            with closing_peer(open_peer(args.genesis, client_token(args), args.ca)) as peer:
+                data = peer.get_ops([peer.state().genesis])[0]
+        Replica.repair_genesis(args.dir, data)
+        repaired = True
     with Replica.open(args.dir) as r:
         report = maintenance.fsck(r)
-        report["text"] = (f"{report['objects']} objects; corrupt: {len(report['corrupt'])}; "
+        report["genesis_restored"] = repaired or report["genesis_restored"]
+        report["text"] = (("genesis op restored; " if report["genesis_restored"] else "")
+                          + f"{report['objects']} objects; corrupt: {len(report['corrupt'])}; "
                           f"ops lacking objects: {len(report['incomplete_ops'])}"
                           + ("" if report["ok"] else "; run `crdt-merge sync` to fetch them again"))
         return (0 if report["ok"] else 1), report

@@ -219,6 +219,11 @@ def _parser() -> argparse.ArgumentParser:
 
     c = cmd("fsck", "verify every stored object and op")
     replica_dir(c)
+    c.add_argument("--genesis", metavar="PEER_OR_FILE",
+                   help="put the project's genesis op back first, from a file holding it "
+                        "(such as another replica's genesis.op), a replica directory or a "
+                        "server (when opening fails with genesis_corrupt)")
+    client_args(c)
 
     c = cmd("gc", "delete objects only retracted contributions, or no op at all, reference")
     replica_dir(c)

@@ -205,6 +205,15 @@ class Index:
         rows = self.query("SELECT data FROM ops WHERE id = ?", (op_id,))
         return rows[0][0] if rows else None
 
+    def restore_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes) -> None:
+        """Put an op row back with the given (verified) bytes, in one transaction: a row
+        held under that id with other bytes is moved to ``bad_ops`` first."""
+        with self.write() as c:
+            c.execute("INSERT OR REPLACE INTO bad_ops SELECT id, data FROM ops "
+                      "WHERE id = ? AND data != ?", (op_id, data))
+            c.execute("INSERT OR REPLACE INTO ops VALUES (?, ?, ?, ?, ?)",
+                      (op_id, kind, site, clock, data))
+
     def quarantine_ops(self, ids: Iterable[str]) -> None:
         """Move op rows whose bytes fail their id aside (``bad_ops``): the op is no longer
         held, so reconciliation finds it missing and a sync fetches it again."""
