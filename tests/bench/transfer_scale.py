@@ -11,10 +11,13 @@ the statistics in memory are one layer's; the script reports wall time per windo
 layer, the peak resident memory, the memory of the models, and the scaled cost of a 32-layer
 pair with the same number of windows.
 
-Run from the repository root (a few minutes; about 16 GB of memory at the default size)::
+At full width one layer's statistics and solve take about 11 GB on top of the models (the
+run needs about 18 GB in all); ``--shrink 2`` divides every width by 2, measures, and
+scales the result back (products by 4, solves by 8, memory by 4). Run from the repository
+root (a few minutes)::
 
     .venv/bin/python tests/bench/real_models.py smollm2-135m
-    .venv/bin/python tests/bench/transfer_scale.py --windows 4 --out /tmp/transfer-scale.json
+    .venv/bin/python tests/bench/transfer_scale.py --shrink 2 --windows 3 --out /tmp/transfer-scale.json
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="divide every width by this (2: a quarter of the memory; the "
+                             "report scales products by shrink^2 and solves by shrink^3)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/transfer-scale.json"))
     args = parser.parse_args(argv)
 
@@ -57,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(str(real_model("smollm2-135m")))
-    common = dict(hidden_size=4096, num_attention_heads=32, num_hidden_layers=args.layers,
-                  vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=4096)
-    anchor_cfg = transformers.LlamaConfig(intermediate_size=11008, num_key_value_heads=32,
-                                          **common)
-    donor_cfg = transformers.MistralConfig(intermediate_size=14336, num_key_value_heads=8,
-                                           sliding_window=None, **common)
+    k = args.shrink
+    common = dict(hidden_size=4096 // k, num_attention_heads=32 // k,
+                  num_hidden_layers=args.layers, vocab_size=len(tok), tie_word_embeddings=True,
+                  max_position_embeddings=4096, head_dim=128)
+    anchor_cfg = transformers.LlamaConfig(intermediate_size=11008 // k,
+                                          num_key_value_heads=32 // k, **common)
+    donor_cfg = transformers.MistralConfig(intermediate_size=14336 // k,
+                                           num_key_value_heads=8 // k, sliding_window=None,
+                                           **common)
     torch.manual_seed(0)
     before = rss_gib()
     anchor = transformers.LlamaForCausalLM(anchor_cfg).eval()
@@ -100,18 +109,24 @@ def main(argv: list[str] | None = None) -> int:
                 tr._run(model, args.layers - 1, input_ids=ids)
         forward_layer = (time.perf_counter() - t0) / 3 / args.layers
     stats_window_layer = max(0.0, window - forward_layer * (args.layers + 1) / 2)
+    # back to full width: products (statistics, passes) grow with width^2, solves with ^3
+    stats_window_layer *= k * k
+    forward_layer *= k * k
+    solve *= k ** 3
     per_window_layer = stats_window_layer + forward_layer  # unchunked: one pass per window
     record = {
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cpus": len(__import__("os").sched_getaffinity(0)), "threads": args.threads,
         "torch": torch.__version__, "layers": args.layers, "windows": result.windows,
+        "shrink": k, "note": "times below are scaled to full 7B width",
+        "seconds_per_window_and_layer_chunked_measured": round(window, 2),
         "positions": result.positions, "seconds": round(seconds, 1),
-        "seconds_per_window_and_layer_chunked": round(window, 2),
         "forward_seconds_per_window_and_layer": round(forward_layer, 2),
         "statistics_seconds_per_window_and_layer": round(stats_window_layer, 2),
         "solve_seconds_per_layer": round(solve, 1),
         "models_gib": round(models_gib, 2), "peak_rss_gib": round(peak, 2),
         "statistics_and_solve_gib": round(peak - models_gib, 2),
+        "statistics_and_solve_gib_full_width": round((peak - models_gib) * k * k, 1),
         "matrices": len(result.deltas),
         # a 32-layer pair on the 26 windows of the SmolLM2 -> gemma-3 run (5,156 positions):
         # all layers at once (one pass per window), and one layer a chunk (the passes of
