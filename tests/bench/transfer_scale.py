@@ -7,7 +7,8 @@ Llama-2-7B-shaped anchor (hidden 4,096, MLP 11,008, 32 heads) and a Mistral-7B-s
 each (default 2), random weights (the cost does not depend on the values), the donor's
 fine-tune its base plus noise, one tokenizer (SmolLM2's) for both, and the news text of
 tests/bench/merge_quality.py as calibration. The transfer runs with ``chunk_layers=1``, so
-the statistics in memory are one layer's; the script reports wall time per window and
+the statistics in memory are one layer's; the script reports CPU time (the process's,
+all threads: on a shared machine wall time says more about the other jobs) per window and
 layer, the peak resident memory, the memory of the models, and the scaled cost of a 32-layer
 pair with the same number of windows.
 
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join(texts()["news"][0])
     params = tr.TransferParams(window_chars=1200, max_windows=args.windows, chunk_layers=1)
     stamps: list[float] = []
-    start = time.perf_counter()
+    start = time.process_time()
     result = tr.transfer(donor_base, donor, anchor, tok, tok, text, params,
-                         progress=lambda i, n: stamps.append(time.perf_counter()))
-    seconds = time.perf_counter() - start
+                         progress=lambda i, n: stamps.append(time.process_time()))
+    seconds = time.process_time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     # one layer a chunk: within a chunk the gaps are windows; between chunks (and after the
     # last) a gap is the layer's solve plus the next window
@@ -103,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     # passes and the statistics: chunk k runs k + 1 layers of each model
     ids = tok(tr.windows_of(text, 1200)[0], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(3):
             for model in (donor_base, anchor):
                 tr._run(model, args.layers - 1, input_ids=ids)
-        forward_layer = (time.perf_counter() - t0) / 3 / args.layers
+        forward_layer = (time.process_time() - t0) / 3 / args.layers
     stats_window_layer = max(0.0, window - forward_layer * (args.layers + 1) / 2)
     # back to full width: products (statistics, passes) grow with width^2, solves with ^3
     stats_window_layer *= k * k
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cpus": len(__import__("os").sched_getaffinity(0)), "threads": args.threads,
         "torch": torch.__version__, "layers": args.layers, "windows": result.windows,
-        "shrink": k, "note": "times below are scaled to full 7B width",
+        "shrink": k, "note": "CPU seconds (all threads), scaled to full 7B width",
         "seconds_per_window_and_layer_chunked_measured": round(window, 2),
         "positions": result.positions, "seconds": round(seconds, 1),
         "forward_seconds_per_window_and_layer": round(forward_layer, 2),
@@ -131,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         # a 32-layer pair on the 26 windows of the SmolLM2 -> gemma-3 run (5,156 positions):
         # all layers at once (one pass per window), and one layer a chunk (the passes of
         # chunk k run k + 1 layers)
-        "scaled_32_layers_26_windows_hours": round(
+        "scaled_32_layers_26_windows_cpu_hours": round(
             32 * (per_window_layer * 26 + solve) / 3600, 2),
-        "scaled_32_layers_26_windows_chunked_hours": round(
+        "scaled_32_layers_26_windows_chunked_cpu_hours": round(
             (32 * (stats_window_layer * 26 + solve)
              + forward_layer * 26 * sum(range(1, 33))) / 3600, 2),
     }
