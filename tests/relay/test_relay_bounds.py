@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,12 +21,15 @@ from pathlib import Path
 import httpx
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crdt_merge import codec, maintenance
 from crdt_merge.crdt import ops as opmod
 from crdt_merge.errors import PeerError
 from crdt_merge.hashing import digest
 from crdt_merge.replica import Replica
+from crdt_merge.store.db import Index
 from crdt_merge.store.local import StagingLimits
 from crdt_merge.sync import LocalPeer, wire
 from crdt_merge.sync.http import HttpPeer
@@ -400,3 +404,27 @@ def test_ops_of_tiny_elements_in_a_push_cost_a_small_multiple_of_their_size(
     finally:
         server.stop()
         replica.close()
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.sampled_from("abcd"), min_size=1, max_size=60), st.integers(1, 20))
+def test_eviction_is_fair_for_any_arrivals(arrivals: list[str], max_ops: int) -> None:
+    """The eviction law for any order of arrivals from sources a-d under a count bound:
+    the bound holds after every staging, and each row evicted is the newest row of a
+    source that held the most rows (ties allowed) just before: a source is never cut
+    while another holds more, whoever staged first."""
+    with tempfile.TemporaryDirectory() as d:
+        index = Index(Path(d) / "x.sqlite")
+        for n, source in enumerate(arrivals):
+            op_id = f"{n:064x}"
+            before = index.staged_sources() | {op_id: source}
+            evicted = index.stage(op_id, b"x", float(n), max_ops, 1 << 30, 1e9, source)
+            after = index.staged_sources()
+            assert len(after) == min(len(before), max_ops)
+            assert set(after) | set(evicted) == set(before)
+            counts = {s: list(before.values()).count(s) for s in set(before.values())}
+            for gone in evicted:
+                owner = before[gone]
+                assert counts[owner] == max(counts.values()), (counts, owner)
+                assert gone == max(i for i, s in before.items() if s == owner)  # its newest
+        index.close()
