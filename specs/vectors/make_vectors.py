@@ -439,11 +439,19 @@ def ops_vectors() -> dict:
     c_carol2 = add("contribute by carol's new key", body_of(
         "contribute", "carol", rot, [rot], manifest=m_model, form="full", params={},
         label="carol again", family="llama"), signer="carol2")
+    # bob's key after its revoke (formats.md 8, binding retracts): a retract whose causal
+    # past holds the revoke is not binding and counts nowhere; one whose deps hide the
+    # revoke is binding and counts (its target is already retracted: no other change)
+    seen = add("retract by bob after seeing its revoke (not binding, counts nowhere)",
+               body_of("retract", "bob", a_bob, [c_carol2], targets=[c_bob]))
+    hidden = add("retract by bob whose deps hide its revoke (binding, counts)",
+                 body_of("retract", "bob", a_bob, [rt], targets=[c_bob]))
     held = sorted(ids.values())
     state = {
         "live_contributions": sorted([c_alice, c_adapter, c_carol2]),
         "retracted": [c_bob],
-        "not_counted": [late],
+        "not_counted": sorted([late, seen]),
+        "binding_retracts_of_ended_members": [hidden],
         # r2 and r3 are concurrent, neither in the other's causal past: greatest (clock, id)
         "recipe_winner": max((clocks[r], r) for r in (r2, r3))[1],
         "recipe_conflicts": [min((clocks[r], r) for r in (r2, r3))[1]],

@@ -282,6 +282,23 @@ def check_golden_state(r: Replica, want: dict) -> None:
     state = opset.membership(ops)
     assert [op.id for op in opset.live_contributions(ops)] == want["live_contributions"]
     assert sorted(set(r.ops()) - state.counted) == want["not_counted"]
+    # retracts of an ended member that count only because they are binding (formats.md 8)
+    held = r.ops()
+
+    def past(op_id: str) -> set[str]:  # the causal past, walked here from the deps
+        out: set[str] = set()
+        todo = list(held[op_id].deps)
+        while todo:
+            d = todo.pop()
+            if d not in out:
+                out.add(d)
+                todo.extend(held[d].deps)
+        return out
+
+    ended = {m.member: m.ended_by for m in state.members.values() if m.ended_by is not None}
+    assert sorted(op.id for op in ops if op.kind == "retract" and op.author in ended
+                  and op.id in state.counted and op.id not in past(ended[op.author])
+                  ) == want["binding_retracts_of_ended_members"]
     recipes = opset.recipe_state(ops)
     assert recipes.winner.id == want["recipe_winner"]
     assert [op.id for op in recipes.conflicts] == want["recipe_conflicts"]
