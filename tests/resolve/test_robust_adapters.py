@@ -166,6 +166,32 @@ def test_multi_krum_over_adapters_keeps_the_honest_and_merges_like_full_models(t
     assert any(not torch.equal(outs[0][n], _base()[n]) for n in SHAPES)
 
 
+@pytest.mark.parametrize("method, params", [
+    ("clipped", {"then": "median", "norms": "model"}),
+    ("median", {"exclude_outliers": True}),
+])
+def test_robust_merges_over_adapters_are_those_over_full_models(tmp_path: Path, method,
+                                                                params) -> None:
+    """Whole-model clip norms and outlier exclusion read an adapter's task vector like a
+    full model's: same plan decisions, same output bytes."""
+    ra, rf, _ = _replicas(tmp_path, "x100")
+    outs, kept = [], []
+    for name, r in (("a", ra), ("f", rf)):
+        r.set_recipe(method, params, anchor=_base_id(r))
+        p = planning.plan(r)
+        kept.append(sorted((c.label, c.params.get("model_norm", "")) for c in p.contributions))
+        execute(r, p, tmp_path / f"out-{name}")
+        outs.append(load_file(str(tmp_path / f"out-{name}" / "model.safetensors")))
+        r.close()
+    assert kept[0] == kept[1]
+    if method == "median":
+        assert [label for label, _ in kept[0]] == ["d0", "d1", "d3", "d4"]
+    else:
+        assert all(norm for _, norm in kept[0])
+    for name in SHAPES:
+        assert outs[0][name].numpy().tobytes() == outs[1][name].numpy().tobytes(), name
+
+
 def test_cached_pair_sums_give_the_fresh_statistics(tmp_path: Path) -> None:
     """The per-pair values kept in the replica's index give the statistics bit for bit,
     for the whole set and for any subset (a new contribution costs only its pairs)."""
