@@ -166,8 +166,8 @@ class Index:
         """In ONE transaction: commit the op rows ``(id, kind, site, clock, data,
         objects)`` whose objects are all held (checked in the transaction), then stage the
         ``(id, data, source)`` rows and evict to ``bounds`` (max ops, bytes, age). A crash
-        leaves all of it or none. ``before_commit`` runs before the first row is written,
-        ``after_first`` after it. Returns the ids committed (not held before).
+        leaves all of it or none. ``before_commit`` runs just before the first new row is
+        written (its objects checked), ``after_first`` after it. Returns the ids committed (not held before).
 
         Raises:
             IncompleteOp: an object of a row is not held; nothing is written.
@@ -175,7 +175,6 @@ class Index:
         new: list[str] = []
         stage = list(stage)
         with self.write() as c:
-            before_commit()
             for op_id, kind, site, clock, data, objects in rows:
                 if c.execute("SELECT 1 FROM ops WHERE id = ?", (op_id,)).fetchone():
                     c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
@@ -184,6 +183,8 @@ class Index:
                            if not c.execute("SELECT 1 FROM objects WHERE id = ?", (o,)).fetchone()]
                 if missing:
                     raise IncompleteOp(op_id, missing)
+                if not new:
+                    before_commit()
                 c.execute("INSERT INTO ops VALUES (?, ?, ?, ?, ?)", (op_id, kind, site, clock, data))
                 c.execute("DELETE FROM staged WHERE id = ?", (op_id,))
                 new.append(op_id)

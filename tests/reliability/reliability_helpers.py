@@ -41,7 +41,8 @@ PACKAGE = HERE.parents[1] / "crdt_merge"
 #: every crash point of crdt_merge.store (crashpoint(NAME) calls), in the order a write
 #: meets them
 CRASH_POINTS = ["piece.mid_stream", "piece.before_fsync", "piece.after_fsync",
-                "piece.after_rename", "piece.before_index", "op.before_commit"]
+                "piece.after_rename", "piece.before_index", "op.before_commit",
+                "ops.after_first_insert"]
 
 
 def crash_points_in_code() -> set[str]:
