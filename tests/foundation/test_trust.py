@@ -27,6 +27,7 @@ from crdt_merge.errors import (
 )
 from crdt_merge.replica import Replica
 from crdt_merge.sync import LocalPeer, sync
+from tests.fixtures.causal import causal_past
 
 from .helpers import join, new_project, put_model, rng_from, snapshot
 from .pool import site_key
@@ -317,17 +318,6 @@ def summary(ops: list[Op]) -> Any:
             recipes.winner.id if recipes.winner else None)
 
 
-def past_of(ops: dict[str, Op], op_id: str) -> set[str]:
-    out: set[str] = set()
-    todo = list(ops[op_id].deps)
-    while todo:
-        d = todo.pop()
-        if d not in out:
-            out.add(d)
-            todo.extend(ops[d].deps)
-    return out
-
-
 @settings(deadline=None, max_examples=200)
 @given(histories(), st.data())
 def test_membership_is_a_function_of_the_set_and_an_admin_survives(ops, data):
@@ -343,14 +333,14 @@ def test_membership_is_a_function_of_the_set_and_an_admin_survives(ops, data):
         info = m.members.get(op.author)
         # a retract is binding when its causal past holds no op ending its author
         binding = op.kind == "retract" and not any(
-            enders(by_id[p], op.author) for p in past_of(by_id, op.id))
+            enders(by_id[p], op.author) for p in causal_past(by_id, op.id))
         if info is not None and info.ended_by is not None and op.id in m.counted:
             # an ended member's op counts only when the op that ended it had seen it, or
             # it is a retract made without seeing any op that ends its author
-            assert op.id in past_of(by_id, info.ended_by) or binding
+            assert op.id in causal_past(by_id, info.ended_by) or binding
         if op.kind in ("contribute", "retract"):
             expect = info is not None and (info.ended_by is None or binding
-                                           or op.id in past_of(by_id, info.ended_by))
+                                           or op.id in causal_past(by_id, info.ended_by))
             assert (op.id in m.counted) == expect
 
 

@@ -24,6 +24,7 @@ from crdt_merge.replica import Replica
 from crdt_merge.store import manifests
 from crdt_merge.store.local import LocalStore
 from crdt_merge.store.manifests import FileRecord, Manifest
+from tests.fixtures.causal import causal_past
 
 from .helpers import cut, put_tensor, snapshot, tensor_bytes
 
@@ -285,19 +286,9 @@ def check_golden_state(r: Replica, want: dict) -> None:
     # retracts of an ended member that count only because they are binding (formats.md 8)
     held = r.ops()
 
-    def past(op_id: str) -> set[str]:  # the causal past, walked here from the deps
-        out: set[str] = set()
-        todo = list(held[op_id].deps)
-        while todo:
-            d = todo.pop()
-            if d not in out:
-                out.add(d)
-                todo.extend(held[d].deps)
-        return out
-
     ended = {m.member: m.ended_by for m in state.members.values() if m.ended_by is not None}
     assert sorted(op.id for op in ops if op.kind == "retract" and op.author in ended
-                  and op.id in state.counted and op.id not in past(ended[op.author])
+                  and op.id in state.counted and op.id not in causal_past(held, ended[op.author])
                   ) == want["binding_retracts_of_ended_members"]
     recipes = opset.recipe_state(ops)
     assert recipes.winner.id == want["recipe_winner"]

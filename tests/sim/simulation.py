@@ -56,6 +56,7 @@ from crdt_merge.replica import Replica
 from crdt_merge.resolve import resolve
 from crdt_merge.store.manifests import Manifest, TensorRecord, piece_lengths
 from crdt_merge.sync import LocalPeer, pull, push, sync
+from tests.fixtures.causal import causal_past
 
 from .network import HEALED, LOSSY, SimNetwork, SimPeer
 
@@ -530,18 +531,6 @@ class Simulation:
             raise self.fail(f"resolve outcomes differ: {resolved}")
         ops = len(self.replicas["s0"].ops())
         return Outcome(self.seed, self.log, roots["s0"], resolved["s0"], ops, self.counts)
-
-
-def causal_past(ops: dict[str, opmod.Op], op_id: str) -> set[str]:
-    """The ops ``op_id`` had seen (its deps, theirs...), computed here from the deps."""
-    out: set[str] = set()
-    todo = list(ops[op_id].deps)
-    while todo:
-        d = todo.pop()
-        if d not in out:
-            out.add(d)
-            todo.extend(ops[d].deps)
-    return out
 
 
 def run_seed(seed: int, workdir: Path, *, steps: int | None = None,
