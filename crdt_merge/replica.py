@@ -60,7 +60,8 @@ GENESIS_FILE = "genesis.op"
 
 def _write_durable(path: Path, data: bytes) -> None:
     """Write a small file whole (temp file, fsync, rename, directory fsync)."""
-    tmp = path.with_name(path.name + ".tmp")
+    # a name of this writer's own: a CLI and a server may open (and mend) one replica at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -540,8 +541,9 @@ class Replica:
                 report.waiting = sorted(set(pending) - set(ready))
                 return report
             # objects kept vanishing under us: stage what came, commit nothing now
-            if stage:
-                self.store.join_ops([], [(op.id, op.data) for op in fresh.values()], source,
+            if stage:  # not the ops refused (bad signature, clock...): they never join
+                self.store.join_ops([], [(op.id, op.data) for op in fresh.values()
+                                         if op.id not in report.rejected], source,
                                     self.staging)
             report.waiting = sorted(pending)
             return report

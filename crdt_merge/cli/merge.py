@@ -117,9 +117,10 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
             warn(note)
         the_plan = plan(r)
         excluded = commands.excluded_of(the_plan)
-        if commands.refused_of(the_plan) and not args.allow_exclusions:  # nothing new was drafted, the plan still does
+        refused = commands.refused_of(the_plan)
+        if refused and not args.allow_exclusions:  # nothing new was drafted, the plan still does
             commands.report_exclusions(r, the_plan)
-            raise PlanError(f"{len(excluded)} contribution(s) would be excluded (see above); "
+            raise PlanError(f"{len(refused)} contribution(s) would be excluded (see above); "
                             "fix the config or pass --allow-exclusions")
         cache = Checkpoints(r)
         cached = cache.cached(the_plan)
@@ -137,11 +138,9 @@ def cmd_merge(args: Any) -> tuple[int, Any]:
                 for name in TOKENIZER_FILES:
                     (out / name).unlink(missing_ok=True)
         commands.report_exclusions(r, the_plan)
-        where = str(r.store.root) if hasattr(r.store, "root") else None
         text = [f"checkpoint {checkpoint}", f"written to {out}"
-                + (" (already up to date)" if reused else "")]
-        if where:
-            text.append(f"replica {where} (crdt-merge status/plan/resolve work on it)")
+                + (" (already up to date)" if reused else ""),
+                f"replica {r.path} (crdt-merge status/plan/resolve work on it)"]
         if not args.copy_tokenizer:
             text.append("the tokenizer files were left out (--no-copy-tokenizer); the "
                         "checkpoint id covers the folder with them")

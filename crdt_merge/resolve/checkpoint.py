@@ -36,9 +36,6 @@ from crdt_merge.store.safetensors_io import MappedFile, iter_pieces, read_header
 
 MANIFEST_FILE = "merge_manifest.json"
 CHECKPOINT_VERSION = 1
-#: the piece size a folder is measured with when it has no readable merge_manifest.json
-#: (the ``v1`` profile's)
-DEFAULT_PIECE_SIZE = 16 * 1024 * 1024
 
 
 def _pieces(data: memoryview | bytes, piece_size: int) -> tuple[str, ...]:

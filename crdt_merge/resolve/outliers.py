@@ -287,18 +287,11 @@ def _pair_values(store: Any, base: Manifest, unique: Sequence[tuple[Manifest, st
                                           for u in rows])
         local = {u: r for r, u in enumerate(rows)}
         with np.errstate(invalid="ignore"):
-            sums = pair_sums_of(fill, len(rows), _numel(rec.shape),
+            sums = pair_sums_of(fill, len(rows), math.prod(rec.shape),
                                 [(local[a], local[b]) for a, b in here])
         for p, v in zip(here, sums, strict=True):
             out[p][t] = v
     return out
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 #: one donor's task vector of one tensor: ("full", raw bits, dtype) minus the base,
@@ -351,7 +344,7 @@ def _task_vectors(store: Any, base: TensorRecord, sources: Sequence[Source]) -> 
         m = e - s
         bw = None
         if b_raw is not None:
-            bw = _widen(b_raw[s:e], base.dtype, buf("base", np.float64, m), buf("u32", np.uint32, m))
+            bw = widen_raw(b_raw[s:e], base.dtype, buf("base", np.float64, m))
         for row, src in zip(out, sources, strict=True):
             dst = row[:m]
             if src[0] == "zero":
@@ -359,27 +352,13 @@ def _task_vectors(store: Any, base: TensorRecord, sources: Sequence[Source]) -> 
             elif src[0] == "dense":
                 dst[...] = src[1][s:e]
             else:
-                w = _widen(src[1][s:e], src[2], dst, buf("u32", np.uint32, m))
+                w = widen_raw(src[1][s:e], src[2], dst)
                 if src[0] == "full":
                     np.subtract(w, bw, out=dst)
                 elif w is not dst:
                     dst[...] = w
 
     return fill
-
-
-def _widen(raw: np.ndarray, dtype: str, out: np.ndarray, u32: np.ndarray) -> np.ndarray:
-    """:func:`crdt_merge.numeric.widen_raw` with the caller's buffers (``u32`` for a
-    bfloat16's float32 bits); the caller ignores invalid-value warnings (a signalling NaN
-    arrives quiet: still a NaN)."""
-    if dtype == "F64":
-        return raw
-    if dtype == "BF16":  # a bfloat16 is the top half of the float32 of the same value
-        np.copyto(u32, raw)
-        np.left_shift(u32, 16, out=u32)
-        raw = u32.view(np.float32)
-    np.copyto(out, raw)
-    return out
 
 
 def _cosines(g: list[list[float]], peers: Sequence[int]) -> list[float]:

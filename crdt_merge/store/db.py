@@ -146,18 +146,6 @@ class Index:
 
     # -- committed ops ------------------------------------------------------------------
 
-    def insert_op(self, op_id: str, kind: str, site: str, clock: int, data: bytes,
-                  objects: Iterable[str], before_commit: Callable[[], None] = lambda: None
-                  ) -> bool:
-        """Commit one op row once all its objects are held (:meth:`join_ops`). Returns
-        False when the op was already held.
-
-        Raises:
-            IncompleteOp: an object is not held.
-        """
-        return bool(self.join_ops([(op_id, kind, site, clock, data, objects)], [], 0.0,
-                                  None, before_commit))
-
     def join_ops(self, rows: Iterable[tuple[str, str, str, int, bytes, Iterable[str]]],
                  stage: Iterable[tuple[str, bytes, str]], now: float,
                  bounds: tuple[int, int, float] | None,
