@@ -67,4 +67,9 @@ def _reached(point: str) -> None:
     with open(tmp, "w") as f:
         f.write(f"{os.getpid()} {point}\n")
     os.replace(tmp, marker)  # the test sees the whole file or none
-    time.sleep(PAUSE_SECONDS)
+    # short sleeps: the kernel may deliver the SIGINT to another thread (an importer's or
+    # a progress bar's), which does not wake a long sleep of this one; between two short
+    # ones the interpreter runs its pending handler and raises KeyboardInterrupt here
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -83,7 +83,12 @@ def interrupt_at(point: str, args: list[str], marker: Path) -> subprocess.Comple
         time.sleep(0.02)
     assert marker.read_text().split() == [str(proc.pid), point]
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{args[0]} did not end within 60 s of a SIGINT at {point}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
