@@ -69,8 +69,12 @@ def interrupt_at(point: str, args: list[str], marker: Path) -> subprocess.Comple
     """Run ``crdt-merge ARGS`` until its main thread reaches the pause point ``point``, then
     send it a real SIGINT. Fails when the command ends without reaching the point."""
     env = {**os.environ, PAUSE: f"{point}:{marker}"}
+    # Ctrl-C's default action in the command, whatever this run inherited: a suite started
+    # as a background job of a non-interactive shell ignores SIGINT, and an ignored SIGINT
+    # stays ignored across exec (Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "crdt_merge", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not marker.exists():
         if proc.poll() is not None:
