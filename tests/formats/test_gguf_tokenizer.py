@@ -62,6 +62,17 @@ def _tokenizer_keys(path: Path) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
+def _assert_round_trip_keeps(a: dict, tmp_path: Path) -> None:
+    """``a.gguf`` (whose tokenizer keys are ``a``) imported to ``back/`` and exported again
+    to ``b.gguf`` has the same tokenizer keys, value for value."""
+    gguf_to_folder(tmp_path / "a.gguf", tmp_path / "back")
+    write_gguf(tmp_path / "back", tmp_path / "b.gguf", "f32")
+    b = _tokenizer_keys(tmp_path / "b.gguf")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key] == b[key], key
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_sentencepiece_metadata_is_what_sentencepiece_reads(tiny_models, tmp_path, family) -> None:
     model = _train()
@@ -129,12 +140,7 @@ def test_sentencepiece_round_trip_gguf_import_export(tiny_models, tmp_path, fami
     assert a["tokenizer.ggml.scores"][turn] == -1000.0
     assert a["tokenizer.ggml.unknown_token_id"] == sp.unk_id()
     assert a["tokenizer.ggml.add_bos_token"] is True and a["tokenizer.ggml.add_eos_token"] is False
-    gguf_to_folder(tmp_path / "a.gguf", tmp_path / "back")
-    write_gguf(tmp_path / "back", tmp_path / "b.gguf", "f32")
-    b = _tokenizer_keys(tmp_path / "b.gguf")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key] == b[key], key
+    _assert_round_trip_keeps(a, tmp_path)
     kept = sentencepiece.SentencePieceProcessor(
         model_file=str(tmp_path / "back" / "tokenizer.model"))
     for sample in SAMPLES:
@@ -176,12 +182,7 @@ def test_byte_level_bpe_round_trip_keeps_the_special_tokens(tiny_models, tmp_pat
     assert a["tokenizer.ggml.add_bos_token"] is True and a["tokenizer.ggml.add_sep_token"] is False
     assert a["tokenizer.chat_template"] == "{{ messages }}"
     assert a["tokenizer.ggml.token_type"][3] == 3  # <|im_start|>: a control token
-    gguf_to_folder(tmp_path / "a.gguf", tmp_path / "back")
-    write_gguf(tmp_path / "back", tmp_path / "b.gguf", "f32")
-    b = _tokenizer_keys(tmp_path / "b.gguf")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key] == b[key], key
+    _assert_round_trip_keeps(a, tmp_path)
 
 
 # -- refusals ----------------------------------------------------------------------------------
