@@ -113,7 +113,9 @@ def strip_markup(body: str) -> str:
     return t.strip()
 
 
-def evaluate_folder(folder: Path, texts: dict[str, str]) -> dict[str, Any]:
+def load_scored(folder: Path, texts: dict[str, str]) -> tuple[Any, Any, dict[str, Any]]:
+    """The folder's tokenizer and float32 model, and per text its bits per byte, perplexity
+    and token count (windows of ``WINDOW`` tokens with BOS, each token predicted once)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,6 +129,13 @@ def evaluate_folder(folder: Path, texts: dict[str, str]) -> dict[str, Any]:
         nll, n = score(model, ids, tok.bos_token_id, window=WINDOW, stride=WINDOW - 1)
         out[name] = {"bpb": nll / 0.6931471805599453 / len(text.encode()),
                      "ppl": float(torch.exp(torch.tensor(nll / n))), "tokens": n}
+    return tok, model, out
+
+
+def evaluate_folder(folder: Path, texts: dict[str, str]) -> dict[str, Any]:
+    import torch
+
+    tok, model, out = load_scored(folder, texts)
     enc = tok(PROMPT, return_tensors="pt")
     with torch.inference_mode():
         gen = model.generate(**enc, max_new_tokens=16, do_sample=False)

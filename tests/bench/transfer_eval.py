@@ -78,19 +78,10 @@ def save(model: Any, tok_dir: Path, target: Path) -> Path:
 
 
 def evaluate(folder: Path, held: dict[str, str]) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Bits per byte (and perplexity) of each held-out text, as cross_family_eval scores."""
+    from tests.bench.cross_family_eval import load_scored
 
-    from crdt_merge.cli.evaluate import score
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    out: dict[str, Any] = {}
-    for name, text in held.items():
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        nll, n = score(model, ids, tok.bos_token_id, window=1024, stride=1023)
-        out[name] = {"bpb": nll / 0.6931471805599453 / len(text.encode()), "tokens": n}
-    return out
+    return load_scored(folder, held)[2]
 
 
 def merged(work: Path, contribute: list[str], recipe: list[str]) -> Path:
